@@ -1,0 +1,96 @@
+"""The one data structure every router returns: :class:`Routing`.
+
+Axis letters (as in google-research/vmoe ``moe.py``), used in every shape below:
+
+* ``G`` routing groups (one image, or several images' tokens)
+* ``S`` tokens per group
+* ``E`` experts
+* ``C`` capacity: slots per expert per group (for Soft MoE, ``P`` slots per expert)
+* ``K`` choices per token (top-k)
+* ``D`` model width
+* ``N`` assignments: (group, token, expert, slot) entries of a sparse routing
+
+Every MoE layer computes (routers study, arXiv:2401.15969, Sec. 2)::
+
+    y[g, s] = sum_{e, c} combine[g, s, e, c] * expert_e( sum_{s'} dispatch[g, s', e, c] * x[g, s'] )
+
+A sparse router (token choice, expert choice, per-image) describes its routing
+*compactly*: one entry per (token, expert, slot) assignment, with binary
+dispatch and a combine weight. Soft MoE has no discrete assignment; it carries
+the dense ``(G, S, E, P)`` tensors. :meth:`Routing.dense` returns the dense
+dispatch/combine tensors for either kind, for analysis and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Routing"]
+
+
+@dataclass
+class Routing:
+    """A routing of ``G`` groups of ``S`` tokens to ``E`` experts with ``C`` slots each.
+
+    Sparse routings fill ``group_index``, ``token_index``, ``expert_index``,
+    ``slot_index`` and ``combine_weight`` (all shape ``(N,)``); each
+    ``(group, expert, slot)`` triple appears at most once and ``slot < capacity``.
+    Tokens that appear in no entry were dropped: they pass on the residual only.
+
+    Soft routings (Soft MoE) fill ``dispatch_dense`` and ``combine_dense``
+    (both ``(G, S, E, C)``) and leave the index fields ``None``.
+
+    ``aux_loss`` is the router's weighted auxiliary loss (a scalar tensor that
+    keeps its graph; zero when the router has none). ``metrics`` holds detached
+    statistics (per-expert load, dropped fraction, the unweighted loss terms...).
+    """
+
+    num_groups: int
+    group_size: int
+    num_experts: int
+    capacity: int
+    group_index: torch.Tensor | None = None
+    token_index: torch.Tensor | None = None
+    expert_index: torch.Tensor | None = None
+    slot_index: torch.Tensor | None = None
+    combine_weight: torch.Tensor | None = None
+    dispatch_dense: torch.Tensor | None = None
+    combine_dense: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def is_sparse(self) -> bool:
+        """True when the routing is given by assignment entries (not dense soft weights)."""
+        return self.dispatch_dense is None
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(dispatch, combine)`` tensors, each ``(G, S, E, C)``.
+
+        For a sparse routing, dispatch is 0/1 and combine carries the weights,
+        differentiable with respect to ``combine_weight``.
+        """
+        if not self.is_sparse:
+            assert self.combine_dense is not None
+            return self.dispatch_dense, self.combine_dense
+        assert self.combine_weight is not None
+        shape = (self.num_groups, self.group_size, self.num_experts, self.capacity)
+        flat = (
+            (self.group_index * self.group_size + self.token_index) * self.num_experts + self.expert_index
+        ) * self.capacity + self.slot_index
+        numel = shape[0] * shape[1] * shape[2] * shape[3]
+        weights = self.combine_weight
+        combine = weights.new_zeros(numel).index_put((flat,), weights, accumulate=True).view(shape)
+        dispatch = weights.new_zeros(numel).index_put(
+            (flat,), torch.ones_like(weights), accumulate=True
+        ).view(shape)
+        return dispatch, combine
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """Number of (token, slot) assignments each expert received, summed over groups: ``(E,)``."""
+        if self.is_sparse:
+            return torch.bincount(self.expert_index, minlength=self.num_experts)
+        dispatch, _ = self.dense()
+        return dispatch.sum(dim=(0, 1, 3))
