@@ -1,0 +1,23 @@
+"""One experiment module per book chapter: presets, the sweep, tables, figures and verdicts.
+
+``CHAPTERS`` maps a chapter's name (its results folder and CLI name) to its module.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..errors import check_choice
+from . import dense_baselines
+
+__all__ = ["CHAPTERS", "get_chapter", "dense_baselines"]
+
+CHAPTERS: dict[str, ModuleType] = {
+    dense_baselines.NAME: dense_baselines,
+}
+
+
+def get_chapter(name: str) -> ModuleType:
+    """The experiment module of chapter ``name``."""
+    check_choice("chapter", name, list(CHAPTERS))
+    return CHAPTERS[name]

@@ -1,0 +1,394 @@
+"""Training engine: one config object, one function that trains, evaluates and resumes.
+
+A run is a pure function of ``(TrainConfig, seed)``: the model initialisation,
+the batch order of every epoch and every batch's augmentation are seeded from
+them, so two runs on the same CPU give bit-identical metrics. Checkpoints hold
+the model, optimiser, schedule, RNG states and the running sums of the current
+epoch, so a run killed at any point resumes from its last checkpoint and ends
+with the same metrics as an uninterrupted run.
+
+Auxiliary losses of MoE layers (any module exposing ``aux_loss``, see
+:mod:`vmoe_lib.layers.aux`) are added to the task loss and logged separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .costs import model_costs
+from .data import DATASETS, BatchLoader, ImageDataset, load_dataset
+from .errors import ConfigError, check_choice, check_positive, check_range
+from .layers.aux import collect_aux_loss
+from .models import create_model, list_models
+
+__all__ = ["TrainConfig", "train_model", "evaluate", "resolve_device", "load_data_for"]
+
+_OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines an experiment's outcome (and so its results key).
+
+    Runtime choices that should not change the numbers — device, progress bars,
+    where checkpoints go — are arguments of :func:`train_model` instead.
+    """
+
+    # Model
+    model: str = "vit_pico_patch7_28"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Data
+    dataset: str = "fashion_mnist"
+    image_size: int | None = None  # None: the dataset's native size
+    val_size: int = 5000
+    train_subset: int | None = None  # use only the first n training images (smoke presets)
+    eval_subset: int | None = None  # evaluate on the first n val/test images (smoke presets)
+    augment: bool = True
+    crop_padding: int = 2
+    flip: bool = True
+    # Optimisation
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0
+    amp: bool = True  # mixed precision, used on CUDA only
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid setting."""
+        check_choice("model", self.model, list_models())
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("optimizer", self.optimizer, _OPTIMIZERS)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r} is invalid; it must be an int > 0")
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
+        check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)
+        check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if self.grad_clip is not None:
+            check_positive("grad_clip", self.grad_clip)
+        for name in ("train_subset", "eval_subset"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name}={value!r} is invalid; it must be an int > 0 or None")
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f"model_kwargs={self.model_kwargs!r} is invalid; it must be a dict")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated); unknown names raise :class:`ConfigError`."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/``None`` picks cuda, then mps, then cpu; anything else must be available."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={device!r} requested but MPS is not available here; use 'auto' or 'cpu'")
+    return dev
+
+
+_DATA_CACHE: dict[tuple, ImageDataset] = {}
+
+
+def load_data_for(config: TrainConfig) -> ImageDataset:
+    """The dataset a config trains on (cached in memory across runs of one process)."""
+    key = (config.dataset, config.image_size, config.val_size)
+    if key not in _DATA_CACHE:
+        if len(_DATA_CACHE) >= 2:  # a sweep alternates between at most two input sizes
+            _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
+        _DATA_CACHE[key] = load_dataset(config.dataset, val_size=config.val_size, image_size=config.image_size)
+    return _DATA_CACHE[key]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: BatchLoader, *, device: torch.device | None = None, amp: bool = True
+) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (eval mode)."""
+    device = device or loader.device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        with _autocast(device, amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        count += labels.numel()
+    model.train(was_training)
+    return {"loss": loss_sum / count, "accuracy": correct / count}
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # timm's param groups skip weight decay on biases, norms, position embeddings and class tokens.
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, opt=config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+    return factor
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+
+
+def train_model(
+    config: TrainConfig,
+    seed: int = 0,
+    *,
+    device: str | torch.device | None = "auto",
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every_steps: int | None = None,
+    progress: bool = True,
+    extra_eval: Callable[[nn.Module, ImageDataset, torch.device], dict[str, Any]] | None = None,
+    weights_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` with ``seed``; return its record (history, final metrics, costs).
+
+    Args:
+        config: the experiment.
+        seed: seeds model init, batch order, augmentation and dropout/router noise.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``... (see :func:`resolve_device`).
+        checkpoint_path: if given, the run checkpoints there at every epoch end (and
+            every ``checkpoint_every_steps`` steps) and resumes from it if it exists.
+        progress: show tqdm progress bars.
+        extra_eval: called with ``(model, data, device)`` after training; its dict is
+            stored under ``"extra"`` (e.g. inference-time routing sweeps).
+        weights_path: if given, the final weights are saved there (safetensors).
+
+    Returns:
+        ``{"history": [per-epoch metrics], "final": {...}, "costs": {...}, "extra": {...},
+        "wall_time_s": float, "device": str}``.
+    """
+    config.validate()
+    dev = resolve_device(device)
+    data = load_data_for(config)
+    torch.manual_seed(seed)
+    model = create_model(config.model, num_classes=data.num_classes, in_chans=data.image_shape[0], **config.model_kwargs)
+    model.to(dev)
+    costs = model_costs(model, (1, *data.image_shape))
+
+    train_images, train_labels = data.train_images, data.train_labels
+    if config.train_subset is not None:
+        train_images, train_labels = train_images[: config.train_subset], train_labels[: config.train_subset]
+    loader_args = dict(mean=data.mean, std=data.std, device=dev)
+    train_loader = BatchLoader(
+        train_images, train_labels, batch_size=config.batch_size, shuffle=True, drop_last=True,
+        augment=config.augment, crop_padding=config.crop_padding, flip=config.flip, seed=seed, **loader_args,
+    )
+    if len(train_loader) == 0:
+        raise ConfigError(f"batch_size={config.batch_size} is larger than the {train_images.shape[0]} training images")
+    eval_loaders = {}
+    for split in ("val", "test"):
+        images, labels = data.split(split)
+        if config.eval_subset is not None:
+            images, labels = images[: config.eval_subset], labels[: config.eval_subset]
+        if images.shape[0] > 0:
+            eval_loaders[split] = BatchLoader(images, labels, batch_size=config.eval_batch_size, **loader_args)
+
+    optimizer = _make_optimizer(model, config)
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
+    use_amp = config.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+
+    state = {"epoch": 0, "step": 0, "history": [], "accum": [0.0, 0.0, 0, 0, 0.0], "wall_time_s": 0.0}
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, map_location=dev, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if dev.type == "cuda" and saved.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"], dev)
+        state = saved["state"]
+
+    def save_checkpoint() -> None:
+        if ckpt is None:
+            return
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                "state": state,
+                "config": config.to_dict(),
+                "seed": seed,
+            },
+            ckpt,
+        )
+
+    model.train()
+    while state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        started = time.perf_counter()
+        bar = tqdm(
+            total=steps_per_epoch, initial=state["step"], disable=not progress, leave=False,
+            desc=f"{config.model} s{seed} epoch {epoch + 1}/{config.epochs}",
+        )
+        for images, labels in train_loader.epoch(epoch, start_step=state["step"]):
+            with _autocast(dev, use_amp):
+                logits = model(images)
+                task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                aux = collect_aux_loss(model)
+                loss = task_loss if aux is None else task_loss + aux
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            acc = state["accum"]
+            acc[0] += task_loss.item() * labels.numel()
+            acc[1] += (aux.item() if aux is not None else 0.0) * labels.numel()
+            acc[2] += (logits.argmax(dim=-1) == labels).sum().item()
+            acc[3] += labels.numel()
+            state["step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{acc[0] / acc[3]:.3f}")
+            if checkpoint_every_steps and state["step"] % checkpoint_every_steps == 0 and state["step"] < steps_per_epoch:
+                now = time.perf_counter()
+                acc[4] += now - started  # train seconds of this epoch so far, kept across a resume
+                started = now
+                save_checkpoint()
+        bar.close()
+        acc = state["accum"]
+        acc[4] += time.perf_counter() - started
+        eval_started = time.perf_counter()
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": acc[0] / acc[3],
+            "aux_loss": acc[1] / acc[3],
+            "train_accuracy": acc[2] / acc[3],
+            "lr": scheduler.get_last_lr()[0],
+        }
+        for split, loader in eval_loaders.items():
+            metrics = evaluate(model, loader, device=dev, amp=use_amp)
+            record[f"{split}_loss"], record[f"{split}_accuracy"] = metrics["loss"], metrics["accuracy"]
+        record["epoch_seconds"] = acc[4] + time.perf_counter() - eval_started
+        record["train_images_per_second"] = acc[3] / acc[4] if acc[4] > 0 else float("nan")
+        state["wall_time_s"] += record["epoch_seconds"]
+        state["history"].append(record)
+        state["epoch"], state["step"], state["accum"] = epoch + 1, 0, [0.0, 0.0, 0, 0, 0.0]
+        save_checkpoint()
+        if progress:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("accuracy"))
+            tqdm.write(f"{config.model} seed {seed} epoch {epoch + 1}/{config.epochs}: {shown}")
+
+    extra = extra_eval(model, data, dev) if extra_eval is not None else {}
+    if weights_path is not None:
+        from safetensors.torch import save_file
+
+        Path(weights_path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights_path))
+    final = {k: v for k, v in state["history"][-1].items() if k.endswith(("accuracy", "loss"))}
+    return {
+        "history": state["history"],
+        "final": final,
+        "costs": costs,
+        "extra": extra,
+        "wall_time_s": state["wall_time_s"],
+        "device": str(dev),
+    }
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one config (JSON) with one seed; print the record as JSON.")
+    parser.add_argument("config", help="TrainConfig as a JSON string or a path to a JSON file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--checkpoint-every-steps", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the record here instead of stdout")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    text = Path(args.config).read_text() if os.path.isfile(args.config) else args.config
+    record = train_model(
+        TrainConfig.from_dict(json.loads(text)), args.seed, device=args.device, checkpoint_path=args.checkpoint,
+        checkpoint_every_steps=args.checkpoint_every_steps, progress=not args.no_progress,
+    )
+    payload = json.dumps(record, indent=1)
+    if args.out:
+        Path(args.out).write_text(payload)
+    else:
+        print(payload)
+
+
+if __name__ == "__main__":
+    _main()
