@@ -1,4 +1,23 @@
-"""vmoe_lib: Vision Mixture-of-Experts, reproduced in PyTorch."""
+"""vmoe_lib: Vision Mixture-of-Experts, reproduced in PyTorch.
+
+The book's chapters call this one namespace (``import vmoe_lib as vl``):
+
+* ``vl.data`` — datasets in memory and a fast tensor loader;
+* ``vl.models`` — dense and MoE backbones registered with timm;
+* ``vl.train`` — :class:`~vmoe_lib.train.TrainConfig` and :func:`~vmoe_lib.train.train_model`;
+* ``vl.results`` — :func:`~vmoe_lib.results.load_or_run`, the results of record;
+* ``vl.analysis`` and ``vl.plots`` — tables, verdicts and figures;
+* ``vl.chapters`` — one experiment module per chapter (presets, sweep, analysis).
+"""
+
 from ._version import __version__
-from . import errors, models
+from . import errors, models, data, costs, train, results, analysis, plots, chapters
 from .models import create_model, list_models
+from .train import TrainConfig, train_model
+from .results import load_or_run
+
+__all__ = [
+    "__version__",
+    "errors", "models", "data", "costs", "train", "results", "analysis", "plots", "chapters",
+    "create_model", "list_models", "TrainConfig", "train_model", "load_or_run",
+]

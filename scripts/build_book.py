@@ -1,0 +1,99 @@
+"""Build the book: execute every chapter with papermill, then Jupyter Book v1 with warnings as errors.
+
+Usage (from the repository root; ``make book`` runs it in the project's venv)::
+
+    python scripts/build_book.py [--preset cpu] [--allow-training] [--only 00_dense_baselines]
+
+Chapters are executed into ``_build/staging/`` (a copy of the book's sources),
+so the git tree stays clean. By default results must already exist
+(``VMOE_REQUIRE_RESULTS=1``): a missing or stale result of record fails the
+build with the command that regenerates it. ``--allow-training`` trains what is
+missing instead (hours on a CPU for a full book).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGING = ROOT / "_build" / "staging"
+OUTPUT = ROOT / "_build" / "book"
+
+
+def execute_chapters(preset: str, only: list[str] | None, allow_training: bool) -> None:
+    import papermill as pm
+
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        notebooks = [nb for nb in notebooks if nb.stem in only]
+        if not notebooks:
+            raise SystemExit(f"--only {only}: no such chapter in notebooks/")
+    os.environ["VMOE_REQUIRE_RESULTS"] = "0" if allow_training else "1"
+    os.environ.setdefault("VMOE_RESULTS_DIR", str(ROOT / "results"))
+    (STAGING / "notebooks").mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        started = time.time()
+        print(f"executing {nb.relative_to(ROOT)} with preset={preset!r} ...", flush=True)
+        try:
+            pm.execute_notebook(
+                str(nb),
+                str(STAGING / "notebooks" / nb.name),
+                parameters={"preset": preset},
+                kernel_name="python3",
+                cwd=str(ROOT / "notebooks"),
+                progress_bar=False,
+            )
+        except pm.PapermillExecutionError as err:
+            raise SystemExit(
+                f"\nchapter {nb.name} failed with preset={preset!r}:\n  {err.ename}: {err.evalue}\n"
+                f"(the executed copy with the traceback is {STAGING / 'notebooks' / nb.name})"
+            ) from None
+        print(f"  done in {time.time() - started:.0f} s", flush=True)
+
+
+def copy_sources() -> None:
+    if STAGING.exists():
+        shutil.rmtree(STAGING)
+    STAGING.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, STAGING / name)
+    shutil.copytree(ROOT / "book", STAGING / "book")
+
+
+def build_html() -> Path:
+    exe = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(STAGING), "--path-output", str(OUTPUT),
+           "--warningiserror", "--keep-going"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    index = OUTPUT / "_build" / "html" / "index.html"
+    if not index.exists():
+        raise SystemExit(f"the build finished but {index} is missing")
+    return index
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", help="preset the chapters are executed with (default: cpu, the results of record)")
+    parser.add_argument("--only", nargs="*", help="execute only these chapters (notebook stems)")
+    parser.add_argument("--allow-training", action="store_true", help="train missing results instead of failing")
+    args = parser.parse_args()
+    started = time.time()
+    copy_sources()
+    execute_chapters(args.preset, args.only, args.allow_training)
+    if args.only:
+        print("--only given: chapters executed, HTML not built (the table of contents needs every chapter)")
+        return 0
+    index = build_html()
+    print(f"book built in {time.time() - started:.0f} s: {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

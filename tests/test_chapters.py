@@ -1,0 +1,60 @@
+"""Chapter experiment modules: presets, sweeps, and the results of record the book is built from."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmoe_lib.chapters import CHAPTERS, get_chapter
+from vmoe_lib.errors import ConfigError
+from vmoe_lib.results import load_or_run
+
+CHAPTER_NAMES = sorted(CHAPTERS)
+
+
+def test_unknown_chapter_and_preset_are_clear_errors():
+    with pytest.raises(ConfigError, match="chapter='nope'.*dense_baselines"):
+        get_chapter("nope")
+    with pytest.raises(ConfigError, match="preset='huge'.*'smoke', 'cpu', 'gpu'"):
+        get_chapter("dense_baselines").experiment("huge")
+
+
+@pytest.mark.parametrize("name", CHAPTER_NAMES)
+def test_presets_are_complete(name):
+    chapter = get_chapter(name)
+    assert {"smoke", "cpu", "gpu"} <= set(chapter.PRESETS)
+    for preset in chapter.PRESETS.values():
+        assert preset.hardware and preset.expected_minutes > 0 and preset.seeds
+        configs = chapter.experiment(preset.name)
+        assert configs, f"{name}/{preset.name} has an empty sweep"
+    smoke, cpu = chapter.experiment("smoke"), chapter.experiment("cpu")
+    # The smoke preset exercises the same models as the preset of record, on less data.
+    assert {c.model for c in smoke.values()} == {c.model for c in cpu.values()}
+    assert all(c.train_subset for c in smoke.values())
+    assert len(chapter.PRESETS["cpu"].seeds) >= 3, "results of record need >= 3 seeds to show a spread"
+
+
+@pytest.mark.parametrize("name", CHAPTER_NAMES)
+def test_results_of_record_are_committed_and_fresh(name):
+    """Every (config, seed) of the cpu preset has a valid result file: the book build needs them.
+
+    Fails (with the command that regenerates them) when an experiment's config
+    changed since its results were recorded.
+    """
+    chapter = get_chapter(name)
+    preset = chapter.PRESETS["cpu"]
+    results = load_or_run(name, "cpu", chapter.experiment("cpu"), list(preset.seeds), require=True)
+    for r in results:
+        assert r.manifest["git_sha"], f"{r.path} records no git sha"
+        assert r.manifest["versions"]["torch"] and r.manifest["hardware"]
+        assert len(r.history) == r.config.epochs
+
+
+def test_overrides_go_to_a_separate_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path))
+    chapter = get_chapter("dense_baselines")
+    with pytest.raises(ConfigError, match="unknown TrainConfig field"):
+        chapter.run("smoke", overrides={"epochz": 1})
+    from vmoe_lib.chapters.base import results_preset
+
+    assert results_preset("cpu", {"epochs": 1}) == "custom"
+    assert results_preset("cpu", {}) == "cpu"
