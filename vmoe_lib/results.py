@@ -256,9 +256,9 @@ def load_or_run(
             f"{len(todo)} result(s) of chapter {chapter!r}, preset {preset!r} are missing or stale:\n  {missing}\n"
             f"Regenerate them with:  {regenerate_command(chapter, preset)}"
         )
+    git_sha = _git_sha() if todo else None  # the code that trains, read before any run starts
     for i, (name, seed, config, key, path) in enumerate(todo):
-        if progress:
-            print(f"[{i + 1}/{len(todo)}] training {name} seed {seed} ({chapter}/{preset})", flush=True)
+        print(f"[{i + 1}/{len(todo)}] training {name} seed {seed} ({chapter}/{preset})", flush=True)
         ckpt = cache_root() / "checkpoints" / preset / chapter / f"{name}__{key}__s{seed}.pt"
         weights = cache_root() / "weights" / preset / chapter / f"{name}__{key}__s{seed}.safetensors"
         started = time.time()
@@ -280,7 +280,7 @@ def load_or_run(
             "session_seconds": time.time() - started,
             "hardware": _hardware(record["device"]),
             "versions": _versions(),
-            "git_sha": _git_sha(),
+            "git_sha": git_sha,
             "regenerate": regenerate_command(chapter, preset),
         }
         _write_atomic(path, {"manifest": manifest, "record": record})
