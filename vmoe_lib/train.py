@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: work in terminals, notebooks and papermill logs alike
 
 from .costs import model_costs
 from .data import DATASETS, BatchLoader, ImageDataset, load_dataset
