@@ -1,0 +1,79 @@
+"""Small tensor helpers shared by the routers: input checks, stable top-k, float32 math.
+
+Axis letters as in :mod:`vmoe_lib.routers.base` (G groups, S tokens per group,
+E experts, C capacity, K choices, D width).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = [
+    "check_int_setting",
+    "check_rank3",
+    "float32_math",
+    "l2_normalize",
+    "stable_top_k",
+]
+
+
+def check_rank3(name: str, tensor: torch.Tensor, last_dim: int | None = None, letters: str = "G, S, D") -> None:
+    """Raise :class:`ConfigError` unless ``tensor`` has rank 3 (and, if given, last size ``last_dim``)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ConfigError(f"{name} must be a torch.Tensor of shape ({letters}), got {type(tensor).__name__}")
+    if tensor.ndim != 3:
+        raise ConfigError(
+            f"{name} must have rank 3, shape ({letters}), but has shape {tuple(tensor.shape)}: "
+            "reshape tokens into routing groups first"
+        )
+    if last_dim is not None and tensor.shape[-1] != last_dim:
+        raise ConfigError(
+            f"{name} has last dimension {tensor.shape[-1]}, but the router was built for dim={last_dim}"
+        )
+
+
+def check_int_setting(param: str, value: object, *, low: int = 1, high: int | None = None) -> int:
+    """Return ``value`` if it is an int with ``low <= value <= high``; raise :class:`ConfigError` otherwise."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and value >= low and (high is None or value <= high)  # type: ignore[operator]
+    if not ok:
+        bound = f"an integer >= {low}" if high is None else f"an integer with {low} <= {param} <= {high}"
+        raise ConfigError(f"{param}={value!r} is invalid; it must be {bound}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def stable_top_k(x: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` values and indices along ``dim``, sorted descending, ties broken by lower index.
+
+    ``torch.topk`` leaves the order of tied values unspecified (and it differs
+    between CPU and CUDA); ``jax.lax.top_k``, used by the reference, prefers the
+    lower index. A stable sort gives the reference's choice on every device, which
+    matters for all-equal logits (e.g. a zero-initialised gate).
+    """
+    values, indices = torch.sort(x, dim=dim, descending=True, stable=True)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+
+
+def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x**2) + eps)`` along ``dim`` (the Soft MoE reference's normalisation).
+
+    Unlike ``F.normalize`` (which divides by ``max(norm, eps)``) this is smooth at 0.
+    """
+    return x * torch.rsqrt(x.square().sum(dim=dim, keepdim=True) + eps)
+
+
+@contextlib.contextmanager
+def float32_math(device: torch.device) -> Iterator[None]:
+    """Disable autocast so that router math (softmax, OT, losses) runs in float32.
+
+    Routers cast their inputs to float32 inside this context ("selective
+    precision", Switch Transformer, arXiv:2101.03961 Sec. 2.4): bfloat16 logits
+    make top-k ties and softmax/OT underflow far more likely.
+    """
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield

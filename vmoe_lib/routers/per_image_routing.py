@@ -1,0 +1,170 @@
+"""Per-image routing (Mobile V-MoE, Daxberger et al., arXiv:2309.04354).
+
+One routing decision per image instead of per token: a router reads a pooled
+image representation and sends *all* of the image's tokens to the image's ``k``
+chosen experts; Mobile V-MoE shares this decision across the following MoE
+layers (that sharing is the backbone's job: it can reuse :attr:`PerImageRouter.last_routing`).
+
+The router can be guided by super-classes (Sec. 3, "semantic super-classes"):
+with per-image super-class labels in ``superclass_targets`` (one super-class per
+expert), the auxiliary loss adds ``superclass_loss_weight * CE(router logits, super-class)``
+(paper: 0.3), which replaces load balancing.
+
+Choices the paper leaves open, made here and documented: the image representation is
+the mean over the group's tokens; combine weights are the raw softmax gates of the
+chosen experts (as V-MoE; ``renormalize=True`` to make them sum to 1); no training
+noise by default; balance losses are available but off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError, check_positive
+from .base import Routing
+from .losses import balance_loss, importance_loss, load_loss, superclass_loss, z_loss
+from .ops import check_int_setting, check_rank3, float32_math, stable_top_k
+from .router import GatedRouter
+from .stats import gate_entropy, sparse_routing_metrics
+
+__all__ = ["PerImageRouter"]
+
+
+class PerImageRouter(GatedRouter):
+    """Route whole images: ``forward(x: (G, S, D))`` with one group per image.
+
+    Every token ``s`` of image ``g`` goes to each of the image's ``k`` experts, in slot ``s``
+    (``capacity = S``); nothing is dropped.
+
+    Args:
+        dim: ``D``.
+        num_experts: ``E`` (with super-class guidance: the number of super-classes).
+        k: experts per image (Mobile V-MoE ablates 1 and 2); changeable after construction.
+        renormalize: make the ``k`` combine weights of an image sum to 1.
+        superclass_loss_weight: ``lambda`` of the guidance loss (paper: 0.3); used only when
+            :attr:`superclass_targets` is set.
+        noise_std, gate, gate_hidden_dim, *_loss_weight: as :class:`.GatedRouter`; the balance
+            losses treat the batch of images as one routing group.
+
+    Attributes:
+        superclass_targets: ``LongTensor (G,)`` or ``None``; set by the caller before ``forward``.
+        last_routing: the :class:`Routing` of the last forward (with graph), for the backbone
+            to reuse in the following MoE layers.
+    """
+
+    name = "per_image"
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        *,
+        k: int = 1,
+        renormalize: bool = False,
+        noise_std: float = 0.0,
+        gate: str = "linear",
+        gate_hidden_dim: int | None = None,
+        superclass_loss_weight: float = 0.3,
+        importance_loss_weight: float = 0.0,
+        load_loss_weight: float = 0.0,
+        balance_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim,
+            num_experts,
+            gate=gate,
+            gate_hidden_dim=gate_hidden_dim,
+            noise_std=noise_std,
+            importance_loss_weight=importance_loss_weight,
+            load_loss_weight=load_loss_weight,
+            balance_loss_weight=balance_loss_weight,
+            z_loss_weight=z_loss_weight,
+        )
+        self.k = k
+        self.renormalize = bool(renormalize)
+        check_positive("superclass_loss_weight", superclass_loss_weight, allow_zero=True)
+        self.superclass_loss_weight = float(superclass_loss_weight)
+        self.superclass_targets: torch.Tensor | None = None
+        self.last_routing: Routing | None = None
+
+    @property
+    def k(self) -> int:
+        """Experts per image (validated: ``1 <= k <= E``)."""
+        return self._k
+
+    @k.setter
+    def k(self, value: int) -> None:
+        self._k = check_int_setting("k", value, low=1, high=self.num_experts)
+
+    def loss_weights(self) -> dict[str, float]:
+        return {**super().loss_weights(), "superclass_loss": self.superclass_loss_weight}
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """Route ``x: (G, S, D)``, one image per group, from the mean of its tokens."""
+        check_rank3("x", x, self.dim)
+        with float32_math(x.device):
+            routing = self.route_images(x.float().mean(dim=1), x.shape[1], dtype=x.dtype)
+        return routing
+
+    def route_images(self, image_repr: torch.Tensor, group_size: int, dtype: torch.dtype | None = None) -> Routing:
+        """Route images given their representation ``image_repr: (G, D)``; each has ``group_size`` tokens.
+
+        Lets a backbone route from another representation (e.g. the class token).
+        """
+        if image_repr.ndim != 2 or image_repr.shape[-1] != self.dim:
+            raise ConfigError(f"image_repr must have shape (G, D={self.dim}), got {tuple(image_repr.shape)}")
+        check_int_setting("group_size", group_size)
+        with float32_math(image_repr.device):
+            logits = self.gate(image_repr.float())  # (G, E)
+            num_images, num_experts = logits.shape
+            k = self.k
+            noisy_logits = self.add_noise(logits)
+            gates = torch.softmax(noisy_logits, dim=-1)
+            top_gates, top_experts = stable_top_k(gates, k)  # (G, K)
+            if self.renormalize:
+                top_gates = top_gates / top_gates.sum(dim=-1, keepdim=True)
+            device = logits.device
+            shape = (num_images, group_size, k)
+            token = torch.arange(group_size, device=device).view(1, -1, 1).expand(shape).reshape(-1)
+            routing = Routing(
+                num_groups=num_images,
+                group_size=group_size,
+                num_experts=num_experts,
+                capacity=group_size,
+                group_index=torch.arange(num_images, device=device).view(-1, 1, 1).expand(shape).reshape(-1),
+                token_index=token,
+                expert_index=top_experts.unsqueeze(1).expand(shape).reshape(-1),
+                slot_index=token,
+                combine_weight=top_gates.to(dtype or image_repr.dtype).unsqueeze(1).expand(shape).reshape(-1),
+            )
+            # Balance losses over the batch of images, seen as one group of G "tokens".
+            clean_gates = torch.softmax(logits, dim=-1)
+            terms = {
+                "importance_loss": importance_loss(clean_gates[None]),
+                "balance_loss": balance_loss(gates[None]),
+                "z_loss": z_loss(logits[None]),
+            }
+            if self.is_noisy:
+                terms["load_loss"] = load_loss(logits[None], noisy_logits[None], self.noise_sigma, k)
+            targets = self.superclass_targets
+            if targets is not None:
+                terms["superclass_loss"] = superclass_loss(logits, targets.to(device))
+            routing.aux_loss = self.weighted_aux_loss(terms, logits)
+            with torch.no_grad():
+                metrics = sparse_routing_metrics(
+                    routing.group_index,
+                    routing.token_index,
+                    routing.expert_index,
+                    num_groups=num_images,
+                    group_size=group_size,
+                    num_experts=num_experts,
+                    num_bins=k + 1,
+                )
+                metrics["gate_entropy"] = gate_entropy(clean_gates)
+                if targets is not None:
+                    metrics["superclass_accuracy"] = (logits.argmax(-1) == targets.to(device)).float().mean()
+                metrics.update({key: value.detach().float() for key, value in terms.items()})
+            routing.metrics = metrics
+            self.last_routing = routing
+            return routing
