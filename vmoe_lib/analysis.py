@@ -42,6 +42,7 @@ class Comparison:
     p_value: float
     n_a: int
     n_b: int
+    min_effect: float = 0.0
 
 
 def compare(a: Sequence[float], b: Sequence[float], *, min_effect: float = 0.0, confidence: float = 0.95) -> Comparison:
@@ -57,19 +58,24 @@ def compare(a: Sequence[float], b: Sequence[float], *, min_effect: float = 0.0, 
         # One seed per side (or identical values): no spread to test against.
         p = 0.0 if se == 0.0 and a.size > 1 and b.size > 1 and diff > min_effect else float("nan")
         lo = hi = diff if se == 0.0 and a.size > 1 and b.size > 1 else float("nan")
-        return Comparison(float(a.mean()), float(b.mean()), diff, lo, hi, p, a.size, b.size)
+        return Comparison(float(a.mean()), float(b.mean()), diff, lo, hi, p, a.size, b.size, min_effect)
     dof = (va + vb) ** 2 / ((va**2 / (a.size - 1) if a.size > 1 else 0) + (vb**2 / (b.size - 1) if b.size > 1 else 0))
     t = (diff - min_effect) / se
     p = float(stats.t.sf(t, dof))
     half = float(stats.t.ppf(0.5 + confidence / 2, dof) * se)
-    return Comparison(float(a.mean()), float(b.mean()), diff, diff - half, diff + half, p, a.size, b.size)
+    return Comparison(float(a.mean()), float(b.mean()), diff, diff - half, diff + half, p, a.size, b.size, min_effect)
 
 
-def decide(comparison: Comparison, *, min_effect: float = 0.0, alpha: float = 0.05) -> str:
-    """Map a :class:`Comparison` to ``reproduced`` / ``not reproduced`` / ``inconclusive`` (see module doc)."""
+def decide(comparison: Comparison, *, min_effect: float | None = None, alpha: float = 0.05) -> str:
+    """Map a :class:`Comparison` to ``reproduced`` / ``not reproduced`` / ``inconclusive`` (see module doc).
+
+    ``min_effect`` defaults to the one the comparison's p-value was computed against.
+    """
+    if min_effect is None:
+        min_effect = comparison.min_effect
     if not math.isnan(comparison.p_value) and comparison.p_value < alpha and comparison.diff > min_effect:
         return "reproduced"
-    if not math.isnan(comparison.ci_high) and comparison.ci_high < max(min_effect, 0.0) + 1e-12 and comparison.diff <= min_effect:
+    if not math.isnan(comparison.ci_high) and comparison.ci_high < min_effect + 1e-12:
         return "not reproduced"
     return "inconclusive"
 

@@ -17,9 +17,23 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ["count_parameters", "flops_per_image", "model_costs"]
+
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of fused attention, from the shapes FlopCounterMode passes (Q K^T and P V)."""
+    return sdpa_flop_count(query, key, value)
+
+
+# torch's counter has no formula for the CPU kernel behind F.scaled_dot_product_attention
+# (timm's fused attention), so attention would be missed on CPU but counted on CUDA.
+_EXTRA_FLOP_FORMULAS = {
+    op: _sdpa_flops
+    for name in ("_scaled_dot_product_flash_attention_for_cpu",)
+    if (op := getattr(torch.ops.aten, name, None)) is not None
+}
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -53,7 +67,7 @@ def flops_per_image(model: nn.Module, input_shape: tuple[int, ...], *, batch_siz
     x = torch.randn(batch_size, *shape, device=param.device, dtype=param.dtype, generator=gen)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     with counter:
         model(x)
     model.train(was_training)

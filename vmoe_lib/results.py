@@ -88,7 +88,11 @@ def config_hash(config: TrainConfig | Mapping[str, Any], extra: Mapping[str, Any
     payload = {k: v for k, v in payload.items() if v is not None}
     if extra:
         payload = {"config": payload, "extra": dict(extra)}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    try:
+        # No default= here: what is hashed must also be storable in the manifest, exactly.
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except TypeError as err:
+        raise ConfigError(f"config/hash_extra must hold only JSON values (str, int, float, bool, None, list, dict): {err}") from err
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -92,6 +92,12 @@ class TrainConfig:
         check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         if self.grad_clip is not None:
             check_positive("grad_clip", self.grad_clip)
+        for name, low in (("crop_padding", 0), ("val_size", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name}={value!r} is invalid; it must be an int >= {low}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
+            raise ConfigError(f"image_size={self.image_size!r} is invalid; it must be an int >= 8 or None")
         for name in ("train_subset", "eval_subset"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -139,7 +145,7 @@ _DATA_CACHE: dict[tuple, ImageDataset] = {}
 
 def load_data_for(config: TrainConfig) -> ImageDataset:
     """The dataset a config trains on (cached in memory across runs of one process)."""
-    key = (config.dataset, config.image_size, config.val_size)
+    key = (config.dataset, config.image_size, config.val_size, os.environ.get("VMOE_DATA_DIR"))
     if key not in _DATA_CACHE:
         if len(_DATA_CACHE) >= 2:  # a sweep alternates between at most two input sizes
             _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
@@ -264,6 +270,11 @@ def train_model(
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None and ckpt.exists():
         saved = torch.load(ckpt, map_location=dev, weights_only=False)
+        if saved.get("seed") != seed or saved.get("config") != config.to_dict():
+            raise ConfigError(
+                f"checkpoint_path={str(ckpt)!r} belongs to another run (seed {saved.get('seed')}, a different "
+                f"config); pass a path of this run's own or delete that file"
+            )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
