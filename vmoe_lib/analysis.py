@@ -108,7 +108,8 @@ def runs_table(results: Iterable[RunResult]) -> pd.DataFrame:
         row.update({k: v for k, v in r.final.items()})
         row.update(r.record["costs"])
         row["wall_time_s"] = r.record["wall_time_s"]
-        row["images_per_s"] = float(np.mean([h["train_images_per_second"] for h in r.history]))
+        # Median over epochs: robust to an epoch slowed by another job on the same machine.
+        row["images_per_s"] = float(np.median([h["train_images_per_second"] for h in r.history]))
         rows.append(row)
     return pd.DataFrame(rows)
 
