@@ -164,13 +164,15 @@ def test_summary_table_golden():
     assert list(df.index) == ["vit", "conv"]  # sweep order, not alphabetical
     assert list(df.columns) == [
         "seeds", "test_accuracy_mean", "test_accuracy_std", "val_accuracy_mean", "val_accuracy_std",
-        "params_total", "params_activated", "flops_per_image", "images_per_s", "wall_time_s",
+        "params_total", "params_activated", "flops_per_image", "images_per_s", "images_per_s_best", "wall_time_s",
     ]
     vit, conv = df.loc["vit"], df.loc["conv"]
     # vit: test [0.5, 0.75, 1.0] -> mean 0.75, sample std sqrt((0.0625 + 0 + 0.0625) / 2) = 0.25.
     assert vit["seeds"] == 3
     assert vit["test_accuracy_mean"] == pytest.approx(0.75) and vit["test_accuracy_std"] == pytest.approx(0.25)
     assert vit["val_accuracy_std"] == pytest.approx(0.0) and vit["wall_time_s"] == pytest.approx(20.0)
+    # per-epoch throughput (100, 300): median 200, best 300
+    assert vit["images_per_s"] == pytest.approx(200.0) and vit["images_per_s_best"] == pytest.approx(300.0)
     # conv: test [0.25, 0.75] -> mean 0.5, std sqrt(2 * 0.0625 / 1) = 0.353553.
     assert conv["seeds"] == 2 and conv["test_accuracy_std"] == pytest.approx(math.sqrt(0.125))
     assert conv["val_accuracy_mean"] == pytest.approx(0.4) and conv["images_per_s"] == pytest.approx(50.0)

@@ -110,6 +110,7 @@ def runs_table(results: Iterable[RunResult]) -> pd.DataFrame:
         row["wall_time_s"] = r.record["wall_time_s"]
         # Median over epochs: robust to an epoch slowed by another job on the same machine.
         row["images_per_s"] = float(np.median([h["train_images_per_second"] for h in r.history]))
+        row["images_per_s_best"] = float(np.max([h["train_images_per_second"] for h in r.history]))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -120,7 +121,7 @@ def summary_table(results: Iterable[RunResult], metrics: Sequence[str] = ("test_
     agg: dict[str, Any] = {"seed": "count"}
     for m in metrics:
         agg[m] = ["mean", "std"]
-    for c in ("params_total", "params_activated", "flops_per_image", "images_per_s", "wall_time_s"):
+    for c in ("params_total", "params_activated", "flops_per_image", "images_per_s", "images_per_s_best", "wall_time_s"):
         agg[c] = "mean"
     out = df.groupby("run", sort=False).agg(agg)
     out.columns = ["seeds" if c == ("seed", "count") else (f"{c[0]}_{c[1]}" if c[1] in ("mean", "std") and c[0] in metrics else c[0]) for c in out.columns]

@@ -100,12 +100,17 @@ def preset_table() -> pd.DataFrame:
 
 
 def model_table(results: ChapterResults) -> pd.DataFrame:
-    """Per model: size, FLOPs, measured throughput and accuracy (mean and std over seeds, in %)."""
+    """Per model: size, FLOPs, measured throughput and accuracy (mean and std over seeds, in %).
+
+    Throughput is per epoch, averaged over seeds: the median epoch and the best one. They differ
+    when other jobs shared the machine during a run; the best epoch is the closest to an idle machine.
+    """
     table = summary_table(results.results)
     out = pd.DataFrame(index=table.index)
     out["params (k)"] = (table["params_total"] / 1e3).round(1)
     out["MFLOPs / image"] = (table["flops_per_image"] / 1e6).round(2)
-    out["train img/s"] = table["images_per_s"].round(0)
+    out["train img/s (median epoch)"] = table["images_per_s"].round(0)
+    out["train img/s (best epoch)"] = table["images_per_s_best"].round(0)
     out["minutes / run"] = (table["wall_time_s"] / 60).round(1)
     out["seeds"] = table["seeds"]
     for split in ("val", "test"):
