@@ -48,8 +48,8 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         description="Fashion-MNIST 28x28 (32x32 for ConvNeXt), 55k train images, 4 epochs, 3 seeds",
-        hardware="CPU, 2 cores (measured), fp32",
-        expected_minutes=40.0,
+        hardware="CPU, 2 cores, fp32 (time: idle-machine estimate from the recorded best-epoch speed)",
+        expected_minutes=35.0,
         seeds=(0, 1, 2),
         settings={"models": _CPU_MODELS, "epochs": 4},
     ),
