@@ -130,7 +130,7 @@ def _fmt(comparison, unit: float = 100.0) -> str:
         f", 95% CI [{comparison.ci_low * unit:+.2f}, {comparison.ci_high * unit:+.2f}]"
         if np.isfinite(comparison.ci_low) else ""
     )
-    p = f", p = {comparison.p_value:.3g}" if np.isfinite(comparison.p_value) else ""
+    p = f", one-sided p = {comparison.p_value:.3g}" if np.isfinite(comparison.p_value) else ""
     return f"{comparison.mean_a * unit:.2f} vs {comparison.mean_b * unit:.2f} %: {comparison.diff * unit:+.2f} points{ci}{p}"
 
 
