@@ -10,8 +10,36 @@ import torch.nn as nn
 from ..errors import check_choice
 from . import dense
 from .dense import DENSE_CONVNEXT_SIZES, DENSE_VIT_SIZES, dense_model_names
+from . import moe_convnext, moe_vit  # registers the vmoe_* models with timm
+from .moe_convnext import moe_convnext_from_dense, moe_convnext_model_names
+from .moe_utils import (
+    count_parameters,
+    flops_matched_dense,
+    flops_per_image,
+    load_moe_model,
+    save_moe_model,
+    set_routing,
+    upcycle_from_dense,
+)
+from .moe_vit import moe_vit_from_dense, moe_vit_model_names
+from .placement import resolve_moe_layers, resolve_stage_moe_layers
 
 __all__ = ["create_model", "list_models", "DENSE_VIT_SIZES", "DENSE_CONVNEXT_SIZES", "dense_model_names"]
+__all__ += [
+    "count_parameters",
+    "flops_matched_dense",
+    "flops_per_image",
+    "load_moe_model",
+    "moe_convnext_from_dense",
+    "moe_convnext_model_names",
+    "moe_vit_from_dense",
+    "moe_vit_model_names",
+    "resolve_moe_layers",
+    "resolve_stage_moe_layers",
+    "save_moe_model",
+    "set_routing",
+    "upcycle_from_dense",
+]
 
 
 def list_models() -> list[str]:

@@ -1,0 +1,362 @@
+"""``MoEMlp``: a Mixture-of-Experts layer that drops in for timm's ``Mlp``.
+
+Axis letters (google-research/vmoe ``moe.py``): ``B`` images, ``T`` tokens per
+image, ``G`` routing groups, ``S = images_per_group * T`` tokens per group,
+``E`` experts, ``C`` capacity, ``D`` width.
+
+What one forward does, for ``x`` of shape ``(B, ..., D)`` (or ``(B, D, H, W)``
+with ``use_conv=True``, as ConvNeXt's convolutional MLP gets it):
+
+1. Flatten each image's tokens (``T`` = product of the middle dims, ``H*W`` for
+   NCHW) and split the batch into routing groups of ``images_per_group``
+   images: ``(G, S, D)``. V-MoE routes groups of several images' tokens
+   (arXiv:2106.05974, Sec. 3.2); ``group_size`` counts IMAGES per group. When
+   the batch is not divisible by it, the largest divisor of ``B`` that is
+   ``<= group_size`` is used, so every group has the same size (a last
+   small batch of an epoch still routes in equal groups; a prime batch size
+   routes image by image). Soft MoE and per-image routing always use one image
+   per group. A 2-D input ``(B, D)`` is ``B`` images of one token each.
+2. The router returns a :class:`~vmoe_lib.routers.base.Routing`.
+3. A dispatch backend (:mod:`vmoe_lib.layers.dispatch`) runs the expert bank on
+   the routed tokens and combines the results.
+4. ``self.aux_loss`` is set to the router's weighted auxiliary loss (the
+   protocol of :mod:`vmoe_lib.layers.aux`), ``self.last_metrics`` to its detached
+   statistics, and a :class:`~vmoe_lib.layers.stats.RoutingRecorder`, when one
+   is attached, accumulates per-layer statistics.
+5. An optional shared expert (ViMoE) adds its dense output.
+
+Per-image routing shared across layers (Mobile V-MoE, arXiv:2309.04354,
+Sec. 3.1): the routing decision is made once, by the first MoE layer, from the
+representation entering it, and reused by the following MoE layers of the
+same forward. Layers built with the same :class:`SharedRouting` and
+``routing_leader=False`` own no router; they read the leader's routing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError, check_choice, check_positive, check_range
+from ..routers.base import Routing
+from .dispatch import BACKENDS, DispatchInfo, dispatch_combine
+from .experts import EXPERT_INITS, ExpertBank
+from .shared_expert import SharedExpert
+
+__all__ = ["MoEMlp", "SharedRouting", "images_per_group", "ONE_IMAGE_PER_GROUP_ROUTERS"]
+
+# Routers whose groups are single images: Soft MoE (arXiv:2308.00951, one group per
+# image) and per-image routing (arXiv:2309.04354).
+ONE_IMAGE_PER_GROUP_ROUTERS = ("soft", "per_image")
+DEFAULT_GROUP_SIZE = 8  # images per routing group in V-MoE's configs
+# Keyword arguments some timm blocks pass to their own MLP kinds; accepted when they ask for nothing.
+_TIMM_NOOP_KWARGS = ("gate_layer", "gate_last", "pre_norm", "layer_idx")
+
+
+def images_per_group(batch_size: int, group_size: int) -> int:
+    """The largest divisor of ``batch_size`` that is ``<= group_size`` (images per routing group)."""
+    for size in range(min(group_size, batch_size), 0, -1):
+        if batch_size % size == 0:
+            return size
+    return 1
+
+
+class SharedRouting:
+    """Hands the per-image routing of the leader MoE layer to the following ones in one forward.
+
+    A plain object, not a module: it holds no parameters and is not saved.
+    """
+
+    def __init__(self) -> None:
+        self.routing: Routing | None = None
+        self.leader_name: str = ""
+        self.leader_router: nn.Module | None = None  # a reference (not a submodule): its k, for counts
+
+    def __repr__(self) -> str:
+        return f"SharedRouting(leader={self.leader_name!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "routing": None}  # the routing is per forward
+
+
+def _expand_image_routing(routing: Routing, tokens: int) -> Routing:
+    """Re-express a per-image routing for ``tokens`` tokens per image (a later stage's size).
+
+    Each image's choices are read from its token 0 and given to all its tokens,
+    slot = token index, capacity = ``tokens`` (the per-image router's convention).
+    """
+    first = routing.token_index == 0
+    group, expert, weight = routing.group_index[first], routing.expert_index[first], routing.combine_weight[first]
+    t = torch.arange(tokens, device=group.device)
+    n = group.numel()
+    return Routing(
+        num_groups=routing.num_groups,
+        group_size=tokens,
+        num_experts=routing.num_experts,
+        capacity=tokens,
+        group_index=group.repeat_interleave(tokens),
+        token_index=t.repeat(n),
+        expert_index=expert.repeat_interleave(tokens),
+        slot_index=t.repeat(n),
+        combine_weight=weight.repeat_interleave(tokens),
+        aux_loss=None,
+        metrics=routing.metrics,
+    )
+
+
+class MoEMlp(nn.Module):
+    """Mixture of ``num_experts`` timm MLPs behind a router; a drop-in for ``timm.layers.Mlp``.
+
+    The positional/keyword arguments up to ``dtype`` are timm's ``Mlp`` ones and
+    mean the same; every MoE setting is keyword-only.
+
+    Args:
+        num_experts: ``E``.
+        k: experts per token (token-choice and per-image routers), passed to the router.
+        router: a router name (see ``vmoe_lib.routers.list_routers()``) or a built router module.
+        router_options: further router options (noise, loss weights, ``slots_per_expert``...).
+        capacity_factor, eval_capacity_factor: passed to the router when given.
+        group_size: images per routing group (default 8 as V-MoE; 1 for ``soft`` and ``per_image``).
+        expert_dropout: dropout inside the experts (V-MoE uses 0.2), after the activation
+            and after fc2; ``None`` keeps timm's ``drop``.
+        shared_expert: ``False``, ``True`` (same width as an expert) or the hidden width
+            of an always-on dense MLP added to the output (ViMoE).
+        shared_expert_gate: gate the shared expert by a per-token sigmoid (Qwen2-MoE).
+        expert_init: ``"same"`` (V-MoE) or ``"independent"``; to upcycle, call
+            :meth:`load_dense_mlp` after building.
+        init_std: ``None`` (``nn.Linear`` default init) or the truncated-normal std
+            of timm's ViT/ConvNeXt init.
+        backend: ``"auto"``, ``"einsum"``, ``"sort"``, ``"segment"`` or ``"grouped_mm"`` (:mod:`.dispatch`).
+        routing_share, routing_leader: share one per-image routing across layers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float | tuple[float, float] = 0.0,
+        use_conv: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        num_experts: int = 8,
+        k: int | None = None,
+        router: str | nn.Module = "softmax_token_choice",
+        router_options: dict[str, Any] | None = None,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        group_size: int | None = None,
+        expert_dropout: float | None = None,
+        shared_expert: bool | int = False,
+        shared_expert_gate: bool = False,
+        expert_init: str = "same",
+        init_std: float | None = None,
+        backend: str = "auto",
+        routing_share: SharedRouting | None = None,
+        routing_leader: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        unknown = {key: v for key, v in kwargs.items() if not (key in _TIMM_NOOP_KWARGS and v in (None, False))}
+        if unknown:
+            raise ConfigError(
+                f"MoEMlp got unknown keyword arguments {sorted(unknown)}; MoE settings are: num_experts, k, "
+                "router, router_options, capacity_factor, eval_capacity_factor, group_size, expert_dropout, "
+                "shared_expert, shared_expert_gate, expert_init, init_std, backend"
+            )
+        check_positive("num_experts", num_experts)
+        if not isinstance(num_experts, int):
+            raise ConfigError(f"num_experts={num_experts!r} is invalid; it must be a positive integer")
+        check_choice("backend", backend, BACKENDS)
+        check_choice("expert_init", expert_init, EXPERT_INITS)
+        if expert_dropout is not None:
+            check_range("expert_dropout", expert_dropout, 0.0, 1.0)
+        if not isinstance(shared_expert, (bool, int)) or (not isinstance(shared_expert, bool) and shared_expert <= 0):
+            raise ConfigError(f"shared_expert={shared_expert!r} is invalid; use False, True or a positive hidden width")
+
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.num_experts = num_experts
+        self.use_conv = use_conv
+        self.backend = backend
+
+        self.router_name = router if isinstance(router, str) else getattr(router, "name", type(router).__name__)
+        one_image = self.router_name in ONE_IMAGE_PER_GROUP_ROUTERS
+        if group_size is None:
+            group_size = 1 if one_image else DEFAULT_GROUP_SIZE
+        check_positive("group_size", group_size)
+        if not isinstance(group_size, int):
+            raise ConfigError(f"group_size={group_size!r} is invalid; it must be a positive integer (images per group)")
+        if one_image and group_size != 1:
+            raise ConfigError(f"group_size={group_size} is invalid with router={self.router_name!r}: it routes one image per group; use group_size=1")
+        self.group_size = group_size
+
+        self.routing_share = routing_share
+        self.routing_leader = routing_leader or routing_share is None
+        if isinstance(router, nn.Module):
+            self.router: nn.Module | None = router
+        elif not self.routing_leader:
+            self.router = None  # reads the leader's routing (Mobile V-MoE)
+        else:
+            from ..routers import create_router  # noqa: PLC0415 (routers import layers' helpers)
+
+            options = dict(router_options or {})
+            for key, value in (("k", k), ("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+                if value is None:
+                    continue
+                if key in options and options[key] != value:
+                    raise ConfigError(f"{key}={value!r} conflicts with router_options[{key!r}]={options[key]!r}")
+                options[key] = value
+            self.router = create_router(router, dim=in_features, num_experts=num_experts, **options)
+        if routing_share is not None and self.routing_leader:
+            routing_share.leader_router = self.router
+
+        drop_in_experts = drop if expert_dropout is None else expert_dropout
+        self.experts = ExpertBank(
+            num_experts, in_features, hidden_features, out_features, act_layer=act_layer, norm_layer=norm_layer,
+            bias=bias, drop=drop_in_experts, init=expert_init, init_std=init_std, device=device, dtype=dtype,
+        )
+        if shared_expert is False:
+            self.shared_expert = None
+        else:
+            width = hidden_features if shared_expert is True else int(shared_expert)
+            self.shared_expert = SharedExpert(
+                in_features, width, out_features, act_layer=act_layer, bias=bias, drop=drop,
+                gated=shared_expert_gate, device=device, dtype=dtype,
+            )
+            if init_std is not None:
+                for module in self.shared_expert.modules():
+                    if isinstance(module, nn.Linear):
+                        nn.init.trunc_normal_(module.weight, std=init_std)
+                        if module.bias is not None:
+                            nn.init.zeros_(module.bias)
+
+        self.layer_index: int | None = None  # set by the backbone builders, for reprs and statistics
+        self.aux_loss: torch.Tensor | None = None
+        self.last_metrics: dict[str, torch.Tensor] = {}
+        self.last_dispatch: DispatchInfo | None = None
+        self.last_tokens = 0  # tokens routed in the last forward (G * S)
+        self.last_routing: Routing | None = None  # kept only while keep_routing is True (tests, analysis)
+        self.keep_routing = False
+        self._recorder = None  # a stats._LayerRecord while a RoutingRecorder is active
+
+    # Per-forward state (tensors with graphs) is not copied or pickled: deepcopy (EMA models)
+    # and torch.save of a model work after a forward.
+    _TRANSIENT = ("aux_loss", "last_routing", "_recorder")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        for key in self._TRANSIENT:
+            state[key] = None
+        state["last_metrics"] = {}
+        return state
+
+    # ----------------------------------------------------------------------
+    @torch.no_grad()
+    def load_dense_mlp(self, mlp: nn.Module, shared_too: bool = True) -> None:
+        """Sparse upcycling: every expert (and the shared expert, if any) starts as ``mlp``."""
+        self.experts.load_dense_mlp(mlp)
+        if shared_too and self.shared_expert is not None and self.shared_expert.mlp.fc1.out_features == self.hidden_features:
+            self.shared_expert.mlp.fc1.load_state_dict(_as_linear_state(mlp.fc1))
+            self.shared_expert.mlp.fc2.load_state_dict(_as_linear_state(mlp.fc2))
+
+    def experts_per_token(self) -> float | None:
+        """Expert applications per token: measured in the last forward if there was one
+        (drops, expert choice's variable counts and Soft MoE's slots included), else the
+        nominal ``k`` of token-choice/per-image routers or the capacity factor of
+        expert-choice routers (their expected experts per token); ``None`` if unknown."""
+        if self.last_dispatch is not None and self.last_tokens:
+            return self.last_dispatch.pairs / self.last_tokens
+        router = self.router if self.router is not None else getattr(self.routing_share, "leader_router", None)
+        if router is None:
+            return None
+        if self.router_name.endswith("token_choice") or self.router_name == "per_image":
+            return float(router.k)
+        if self.router_name.endswith("expert_choice"):
+            factor = router.capacity_factor if self.training or router.eval_capacity_factor is None else router.eval_capacity_factor
+            return float(factor)
+        return None
+
+    def activated_parameters(self) -> int:
+        """Parameters one token uses: router, shared expert, and ``experts_per_token()`` experts
+        (all experts when that is unknown). The protocol of ``vmoe_lib.costs.count_parameters``."""
+        own = sum(p.numel() for p in self.parameters())
+        bank = sum(p.numel() for p in self.experts.parameters())
+        per_token = self.experts_per_token()
+        if per_token is None:
+            return own
+        return int(round(own - bank + per_token * bank / self.num_experts))
+
+    def _route(self, x: torch.Tensor) -> Routing:
+        if self.router is not None:
+            routing = self.router(x)
+            if self.routing_share is not None:
+                self.routing_share.routing = routing
+            return routing
+        share = self.routing_share
+        if share is None or share.routing is None:
+            raise RuntimeError(
+                "this MoE layer reuses the per-image routing of an earlier MoE layer, which has not run "
+                "in this forward; run the whole model, not this layer alone"
+            )
+        routing = share.routing
+        if routing.num_groups != x.shape[0]:
+            raise RuntimeError(f"shared routing is for {routing.num_groups} images, this layer got {x.shape[0]}")
+        if routing.group_size != x.shape[1]:
+            routing = _expand_image_routing(routing, x.shape[1])
+        return routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_conv:  # (B, D, H, W) -> (B, H, W, D): tokens are the H*W positions
+            x = x.permute(0, 2, 3, 1)
+        shape = x.shape
+        D = shape[-1]
+        B = shape[0] if x.ndim > 1 else 1
+        T = x.numel() // (B * D) if x.numel() else 0
+        per_group = images_per_group(B, self.group_size)
+        xg = x.reshape(B // per_group, per_group * T, D)
+
+        routing = self._route(xg)
+        y, info = dispatch_combine(xg, routing, self.experts, self.backend)
+        self.aux_loss = routing.aux_loss if self.router is not None else None
+        self.last_metrics = routing.metrics
+        self.last_dispatch = info
+        self.last_tokens = xg.shape[0] * xg.shape[1]
+        self.last_routing = routing if self.keep_routing else None
+        if self._recorder is not None:
+            self._recorder.update(routing, images_per_group=per_group, tokens_per_image=T)
+
+        y = y.reshape(*shape[:-1], -1)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
+        if self.use_conv:
+            y = y.permute(0, 3, 1, 2)
+        return y
+
+    def extra_repr(self) -> str:
+        parts = [f"layer={self.layer_index}"] if self.layer_index is not None else []
+        parts += [f"router={self.router_name!r}", f"num_experts={self.num_experts}"]
+        for key in ("k", "capacity_factor", "eval_capacity_factor"):
+            value = getattr(self.router, key, None) if self.router is not None else None
+            if value is not None:
+                parts.append(f"{key}={value}")
+        if self.router is None:
+            parts.append(f"routing=shared from {self.routing_share.leader_name or 'the first MoE layer'}")
+        parts += [f"group_size={self.group_size}", f"backend={self.backend!r}"]
+        return ", ".join(parts)
+
+
+def _as_linear_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of an ``nn.Linear`` from an ``nn.Linear`` or a 1x1 ``nn.Conv2d``."""
+    state = {"weight": layer.weight.reshape(layer.weight.shape[0], -1)}
+    if layer.bias is not None:
+        state["bias"] = layer.bias
+    return state

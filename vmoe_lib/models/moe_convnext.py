@@ -1,0 +1,85 @@
+"""MoE ConvNeXts (as in Videau et al., arXiv:2411.18322), built from timm ConvNeXts.
+
+The dense timm ``ConvNeXt`` is built first and the MLP of chosen blocks is
+then replaced by :class:`~vmoe_lib.layers.MoEMlp`. Tokens are the ``H*W``
+positions of each image at that stage (the MLP gets ``(B, H, W, C)`` from timm's
+channels-last block, or ``(B, C, H, W)`` with ``conv_mlp=True``; both work).
+
+Registered with timm as ``vmoe_`` + the dense name: the 32x32 sizes of
+:mod:`vmoe_lib.models.dense` (``vmoe_convnext_test_32`` for unit tests,
+``vmoe_convnext_zepto_32``, ``vmoe_convnext_atto_32``) and timm's 224 sizes
+``vmoe_convnext_{atto,femto,pico,nano,tiny}``.
+
+Placement (``moe_layers``, :mod:`.placement`): a strategy over all blocks in
+order (default ``"last-2"``: the last two odd blocks, which for ConvNeXt-atto's
+depths (2, 2, 6, 2) are the last block of stage 2 and of stage 3), or per
+stage, e.g. ``{3: "all"}`` or ``"s2:last-1,s3:last-1"``. Other MoE keyword
+arguments as for the MoE ViTs (:mod:`.moe_vit`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch.nn as nn
+from timm.models import register_model
+
+from .dense import DENSE_CONVNEXT_SIZES
+from .moe_utils import mark_moe_model, moe_model_config, replace_mlps, split_moe_kwargs
+from .placement import describe_layers, resolve_stage_moe_layers
+
+__all__ = ["MOE_CONVNEXT_BASES", "moe_convnext_from_dense", "moe_convnext_model_names"]
+
+MOE_CONVNEXT_BASES = (
+    *DENSE_CONVNEXT_SIZES,
+    "convnext_atto",
+    "convnext_femto",
+    "convnext_pico",
+    "convnext_nano",
+    "convnext_tiny",
+)
+
+
+def moe_convnext_model_names() -> list[str]:
+    """Names of the registered MoE ConvNeXts."""
+    return [f"vmoe_{base}" for base in MOE_CONVNEXT_BASES]
+
+
+def moe_convnext_from_dense(dense: nn.Module, *, name: str = "", dense_name: str = "", model_kwargs: dict | None = None, **moe: Any) -> nn.Module:
+    """Turn a built timm ``ConvNeXt`` into an MoE ConvNeXt in place (see module docstring)."""
+    moe, rest = split_moe_kwargs(moe)
+    if rest:
+        raise TypeError(f"moe_convnext_from_dense got non-MoE arguments {sorted(rest)}")
+    stage_depths = [len(stage.blocks) for stage in dense.stages]
+    blocks = [block for stage in dense.stages for block in stage.blocks]
+    names = [f"stages.{s}.blocks.{b}.mlp" for s, d in enumerate(stage_depths) for b in range(d)]
+    layers = resolve_stage_moe_layers(moe["moe_layers"], stage_depths)
+    options = {key: v for key, v in moe.items() if key != "moe_layers"}
+    created = replace_mlps(blocks, layers, block_names=names, **options)
+    config = moe_model_config(name, dense_name, moe, model_kwargs or {}, layers, created, describe_layers(layers, stage_depths))
+    config["stage_depths"] = stage_depths
+    mark_moe_model(dense, config)
+    return dense
+
+
+def _factory(base: str):
+    name = f"vmoe_{base}"
+
+    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if pretrained:
+            raise ValueError(f"pretrained=True: no pretrained MoE weights exist for {name}; see upcycle_from_dense")
+        moe, model_kwargs = split_moe_kwargs(kwargs)
+        if base in DENSE_CONVNEXT_SIZES:
+            model_kwargs.pop("img_size", None)  # size-agnostic; accepted for a uniform API
+        dense = timm.create_model(base, pretrained=False, **model_kwargs)
+        return moe_convnext_from_dense(dense, name=name, dense_name=base, model_kwargs=model_kwargs, **moe)
+
+    create.__name__ = name
+    create.__qualname__ = name
+    create.__doc__ = f"MoE ConvNeXt built from timm's ``{base}`` by replacing block MLPs (see vmoe_lib.models.moe_convnext)."
+    return create
+
+
+for _base in MOE_CONVNEXT_BASES:
+    register_model(_factory(_base))

@@ -1,0 +1,436 @@
+"""Turning a built timm model into an MoE model, and what to do with one afterwards.
+
+* :func:`replace_mlps` swaps the MLP of chosen blocks for :class:`~vmoe_lib.layers.MoEMlp`
+  after the model is built (works on every timm >= 1.0: no model code is copied).
+* :func:`set_routing` changes routing settings of a built model (inference experiments:
+  lower the eval capacity, switch batch priority on, change ``k``).
+* :func:`count_parameters` and :func:`flops_per_image` give total and activated
+  parameters and FLOPs; :func:`flops_matched_dense` builds the dense model with the same
+  activated FLOPs, for fair comparisons.
+* :func:`upcycle_from_dense` loads a dense checkpoint into an MoE model (sparse upcycling);
+  :func:`save_moe_model` / :func:`load_moe_model` store MoE models with safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError, check_choice
+from ..layers.moe import ONE_IMAGE_PER_GROUP_ROUTERS, MoEMlp, SharedRouting
+from ..layers.stats import moe_layers
+
+__all__ = [
+    "MOE_DEFAULTS",
+    "EXPERT_INIT_CHOICES",
+    "split_moe_kwargs",
+    "replace_mlps",
+    "set_routing",
+    "count_parameters",
+    "flops_per_image",
+    "flops_matched_dense",
+    "upcycle_from_dense",
+    "save_moe_model",
+    "load_moe_model",
+]
+
+# MoE model keyword arguments and their defaults (the rest goes to the timm model).
+MOE_DEFAULTS: dict[str, Any] = dict(
+    num_experts=8,
+    k=None,  # the router's default (token choice: 2, per-image: 1)
+    moe_layers="last-2",
+    router="softmax_token_choice",
+    router_options=None,
+    capacity_factor=None,
+    eval_capacity_factor=None,
+    group_size=None,  # images per routing group; None: 8, or 1 for soft / per_image
+    shared_expert=False,
+    shared_expert_gate=False,
+    expert_dropout=None,
+    expert_init="same",
+    backend="auto",
+)
+EXPERT_INIT_CHOICES = ("same", "independent", "upcycle")
+# timm's ViT and ConvNeXt initialise every linear layer with a truncated normal of this std.
+TIMM_INIT_STD = 0.02
+_TIMM_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def split_moe_kwargs(kwargs: dict[str, Any], defaults: dict[str, Any] | None = None) -> tuple[dict, dict]:
+    """``(moe settings with defaults filled in, the remaining timm model kwargs)``."""
+    defaults = {**MOE_DEFAULTS, **(defaults or {})}
+    moe = {key: kwargs.get(key, value) for key, value in defaults.items()}
+    rest = {key: v for key, v in kwargs.items() if key not in defaults and key not in _TIMM_FACTORY_KEYS}
+    return moe, rest
+
+
+def _mlp_geometry(mlp: nn.Module, where: str) -> dict[str, Any]:
+    """timm ``Mlp`` constructor arguments that rebuild ``mlp``'s shape (Linear or 1x1 conv)."""
+    if type(mlp).__name__ == "GlobalResponseNormMlp":
+        raise ConfigError(f"{where}: GlobalResponseNormMlp (ConvNeXt-V2, use_grn=True) has no MoE version here")
+    fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+    if not isinstance(fc1, (nn.Linear, nn.Conv2d)) or not isinstance(fc2, (nn.Linear, nn.Conv2d)):
+        raise ConfigError(f"{where}: {type(mlp).__name__} is not a timm Mlp (fc1 -> act -> fc2); cannot replace it")
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        raise ConfigError(f"{where}: MLPs with a hidden norm (scale_mlp_norm=True) are not supported")
+    use_conv = isinstance(fc1, nn.Conv2d)
+    drop = (getattr(mlp, "drop1", nn.Dropout(0.0)).p, getattr(mlp, "drop2", nn.Dropout(0.0)).p)
+    return dict(
+        in_features=fc1.in_channels if use_conv else fc1.in_features,
+        hidden_features=fc1.out_channels if use_conv else fc1.out_features,
+        out_features=fc2.out_channels if use_conv else fc2.out_features,
+        act_layer=type(mlp.act),
+        bias=(fc1.bias is not None, fc2.bias is not None),
+        drop=drop,
+        use_conv=use_conv,
+        device=fc1.weight.device,
+        dtype=fc1.weight.dtype,
+    )
+
+
+def replace_mlps(
+    blocks: Sequence[nn.Module],
+    layers: Sequence[int],
+    *,
+    num_experts: int = 8,
+    k: int | None = None,
+    router: str = "softmax_token_choice",
+    router_options: dict[str, Any] | None = None,
+    capacity_factor: float | None = None,
+    eval_capacity_factor: float | None = None,
+    group_size: int | None = None,
+    shared_expert: bool | int = False,
+    shared_expert_gate: bool = False,
+    expert_dropout: float | None = None,
+    expert_init: str = "same",
+    backend: str = "auto",
+    block_names: Sequence[str] | None = None,
+) -> list[MoEMlp]:
+    """Replace ``blocks[i].mlp`` for ``i`` in ``layers`` by :class:`MoEMlp` layers; returns them.
+
+    ``expert_init``: ``"same"`` (one draw copied to every expert, V-MoE), ``"independent"``,
+    or ``"upcycle"`` (every expert a copy of the MLP it replaces). Draws use timm's ViT/ConvNeXt
+    init (truncated normal, std 0.02, zero bias). With ``router="per_image"`` the first MoE
+    layer routes and the following ones reuse its decision (Mobile V-MoE).
+    """
+    check_choice("expert_init", expert_init, EXPERT_INIT_CHOICES)
+    if router_options is not None and not isinstance(router_options, dict):
+        raise ConfigError(f"router_options={router_options!r} is invalid; it must be a dict of router options")
+    share = SharedRouting() if router == "per_image" and len(layers) > 1 else None
+    created = []
+    for position, index in enumerate(layers):
+        block = blocks[index]
+        where = block_names[index] if block_names is not None else f"block {index}"
+        dense = block.mlp
+        geometry = _mlp_geometry(dense, where)
+        layer = MoEMlp(
+            **geometry,
+            num_experts=num_experts,
+            k=k,
+            router=router,
+            router_options=router_options,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            group_size=group_size,
+            expert_dropout=expert_dropout,
+            shared_expert=shared_expert,
+            shared_expert_gate=shared_expert_gate,
+            expert_init="independent" if expert_init == "independent" else "same",
+            init_std=TIMM_INIT_STD,
+            backend=backend,
+            routing_share=share,
+            routing_leader=position == 0,
+        )
+        if expert_init == "upcycle":
+            layer.load_dense_mlp(dense)
+        layer.layer_index = index
+        if share is not None and position == 0:
+            share.leader_name = where
+        block.mlp = layer
+        created.append(layer)
+    return created
+
+
+def _fixed_repr(text: str) -> str:
+    return text
+
+
+def mark_moe_model(model: nn.Module, config: dict[str, Any]) -> None:
+    """Attach the MoE configuration (``model.moe_config``) and show it in ``repr(model)``."""
+    model.moe_config = config
+    shown = {key: config[key] for key in ("model", "moe_layers_resolved", "num_experts", "router", "k") if key in config}
+    model.extra_repr = functools.partial(_fixed_repr, "moe: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+# ---------------------------------------------------------------------------- routing settings
+_LAYER_SETTINGS = ("group_size", "backend")
+
+
+def set_routing(model: nn.Module, **settings: Any) -> nn.Module:
+    """Change routing settings of every MoE layer of a built model, in place; returns the model.
+
+    Layer settings: ``group_size`` (images per group), ``backend``. Any other key must be an
+    attribute of the routers (e.g. ``k``, ``capacity_factor``, ``eval_capacity_factor``,
+    ``batch_priority``, ``capacity``). Layers that reuse another layer's routing (per-image
+    followers) have no router and are skipped for router settings.
+
+    Example: ``set_routing(model, eval_capacity_factor=0.5, batch_priority=True)``.
+    """
+    layers = [layer for _, layer in moe_layers(model)]
+    if not layers:
+        raise ConfigError("set_routing: the model has no MoE layers")
+    for key, value in settings.items():
+        if key == "backend":
+            from ..layers.dispatch import BACKENDS  # noqa: PLC0415
+
+            check_choice("backend", value, BACKENDS)
+        if key == "group_size":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"group_size={value!r} is invalid; it must be a positive integer (images per group)")
+            if value != 1 and any(layer.router_name in ONE_IMAGE_PER_GROUP_ROUTERS for layer in layers):
+                raise ConfigError(f"group_size={value} is invalid for soft/per_image routers (one image per group)")
+        if key in _LAYER_SETTINGS:
+            for layer in layers:
+                setattr(layer, key, value)
+            continue
+        routers = [layer.router for layer in layers if layer.router is not None]
+        if not all(hasattr(r, key) for r in routers):
+            allowed = sorted({a for r in routers for a in ("k", "capacity_factor", "eval_capacity_factor", "batch_priority", "capacity") if hasattr(r, a)})
+            raise ConfigError(f"set_routing: {key}={value!r} is not a setting of these routers; settable: {[*_LAYER_SETTINGS, *allowed]}")
+        for r in routers:
+            setattr(r, key, value)
+    return model
+
+
+# ------------------------------------------------------------------------- parameters & FLOPs
+@torch.no_grad()
+def _probe(model: nn.Module, input_size: Sequence[int], batch_size: int) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        model(torch.randn(batch_size, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+
+
+def count_parameters(model: nn.Module, input_size: Sequence[int] | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Total and activated parameter counts.
+
+    ``activated_per_token`` = every parameter outside the expert banks (attention, norms,
+    routers, shared experts...) + for each MoE layer, (expert applications per token) x
+    (parameters of one expert), see :meth:`MoEMlp.experts_per_token`. With ``input_size``
+    (C, H, W) they are measured on a random batch in eval mode (capacity drops, expert
+    choice's variable counts and Soft MoE's slots per token are what the model really does);
+    otherwise the last forward's measurement, or the nominal ``k`` / capacity factor, is used
+    (``None`` where unknown, e.g. Soft MoE before any forward). For per-image routing all
+    tokens of an image use the same experts: ``activated_per_image`` = ``activated_per_token``.
+    """
+    layers = moe_layers(model)
+    total = sum(p.numel() for p in model.parameters())
+    expert_params = sum(sum(p.numel() for p in layer.experts.parameters()) for _, layer in layers)
+    if input_size is not None:
+        for _, layer in layers:
+            layer.last_dispatch = None
+        _probe(model, input_size, batch_size)
+    per_layer: dict[int | str, float | None] = {}
+    activated: float | None = float(total - expert_params)
+    for name, layer in layers:
+        per_token = layer.experts_per_token()
+        per_layer[layer.layer_index if layer.layer_index is not None else name] = per_token
+        if per_token is None or activated is None:
+            activated = None
+        else:
+            activated += per_token * sum(p.numel() for p in layer.experts.parameters()) / layer.num_experts
+    result = {
+        "total": total,
+        "experts": expert_params,
+        "non_expert": total - expert_params,
+        "activated_per_token": None if activated is None else int(round(activated)),
+        "experts_per_token": per_layer,
+    }
+    if any(layer.router_name == "per_image" for _, layer in layers):
+        result["activated_per_image"] = result["activated_per_token"]
+    return result
+
+
+def flops_per_image(model: nn.Module, input_size: Sequence[int], batch_size: int = 8) -> dict[str, Any]:
+    """FLOPs of one eval forward per image, as :func:`vmoe_lib.costs.flops_per_image` counts them.
+
+    What is counted: matmul-like ops (linear, conv, bmm, attention), 2 FLOPs per
+    multiply-add; elementwise ops (GELU, softmax, norms, sorting, gathers) are not. Under the
+    counter the MoE layers run the exact-rows dispatch, so expert FLOPs are those of the
+    (token, expert) pairs (Soft MoE: slots) really processed: dropped tokens cost nothing and
+    no padding is charged. Router matmuls (and Soft MoE's dispatch/combine matmuls) are
+    counted. Measured on a batch of ``batch_size`` images (routing groups as in training).
+    Returns the total and the part spent in the experts.
+    """
+    from ..costs import flops_per_image as counted_flops  # noqa: PLC0415
+
+    total = counted_flops(model, tuple(input_size), batch_size=batch_size)
+    layers = [layer for _, layer in moe_layers(model)]
+    expert = sum(layer.last_dispatch.pairs * layer.experts.flops_per_row() for layer in layers)
+    return {"flops_per_image": total, "moe_expert_flops_per_image": expert / batch_size}
+
+
+def flops_matched_dense(model: nn.Module, input_size: Sequence[int] | None = None) -> nn.Module:
+    """The dense counterpart with the same activated FLOPs per token as ``model``.
+
+    Built as the MoE model's dense base model (``model.moe_config['dense_model']``) with the
+    MLP of every MoE block widened to ``round(experts per token x hidden)`` (so k=1 gives the
+    base model itself, k=2 MLPs twice as wide). Its ``description`` attribute names it, e.g.
+    ``"vit_pico_patch7_28 with MLP hidden 512 in blocks [1, 3]"``.
+    """
+    import timm  # noqa: PLC0415
+    from timm.layers import Mlp  # noqa: PLC0415
+
+    config = getattr(model, "moe_config", None)
+    if config is None:
+        raise ConfigError("flops_matched_dense: the model has no moe_config (build it with timm.create_model('vmoe_...'))")
+    params = count_parameters(model, input_size)
+    dense = timm.create_model(config["dense_model"], **config.get("model_kwargs", {}))
+    blocks = _blocks_of(dense)
+    widths = {}
+    for name, layer in moe_layers(model):
+        per_token = params["experts_per_token"][layer.layer_index]
+        if per_token is None:
+            raise ConfigError(f"flops_matched_dense: experts per token of {name} unknown; pass input_size")
+        width = max(1, round(per_token * layer.hidden_features))
+        widths[layer.layer_index] = width
+        old = blocks[layer.layer_index].mlp
+        geometry = _mlp_geometry(old, name)
+        geometry["hidden_features"] = width
+        new = Mlp(**geometry)
+        for m in new.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=TIMM_INIT_STD)
+                nn.init.zeros_(m.bias)
+        blocks[layer.layer_index].mlp = new
+    dense.description = f"{config['dense_model']} with MLP hidden {sorted(set(widths.values()))} in blocks {sorted(widths)}"
+    return dense
+
+
+def _blocks_of(model: nn.Module) -> list[nn.Module]:
+    """Blocks in flat order: ViT ``model.blocks``, ConvNeXt ``stage.blocks`` of every stage."""
+    if hasattr(model, "stages"):
+        return [block for stage in model.stages for block in stage.blocks]
+    return list(model.blocks)
+
+
+# ----------------------------------------------------------------------- upcycling and storage
+def _load_state(source: nn.Module | dict[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+    if isinstance(source, nn.Module):
+        return source.state_dict()
+    if isinstance(source, dict):
+        return source
+    path = os.fspath(source)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def upcycle_from_dense(
+    model: nn.Module, dense: nn.Module | dict[str, torch.Tensor] | str | os.PathLike, *, shared_too: bool = True
+) -> nn.Module:
+    """Sparse upcycling: load a dense checkpoint into an MoE model of the same base architecture.
+
+    Every non-MoE weight is copied by name; the dense MLP of each MoE block is copied into
+    every expert (and the shared expert, if it has the same width). Routers keep their
+    initialisation. Raises :class:`ConfigError` naming the keys that do not match.
+    """
+    state = _load_state(dense)
+    layers = moe_layers(model)
+    mlp_prefixes = [name + "." for name, _ in layers]
+    for name, layer in layers:
+        def tensor(key: str, _name: str = name) -> torch.Tensor | None:
+            return state.get(f"{_name}.{key}")
+
+        if tensor("fc1.weight") is None:
+            raise ConfigError(f"upcycle_from_dense: the dense checkpoint has no {name}.fc1.weight")
+        mlp = SimpleNamespace(
+            fc1=SimpleNamespace(weight=tensor("fc1.weight"), bias=tensor("fc1.bias")),
+            fc2=SimpleNamespace(weight=tensor("fc2.weight"), bias=tensor("fc2.bias")),
+        )
+        layer.load_dense_mlp(mlp, shared_too=shared_too)
+    rest = {key: v for key, v in state.items() if not any(key.startswith(p) for p in mlp_prefixes)}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [key for key in missing if not any(key.startswith(p) for p in mlp_prefixes)]
+    if missing or unexpected:
+        raise ConfigError(f"upcycle_from_dense: checkpoint does not match the model; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def save_moe_model(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save weights with safetensors, with ``model.moe_config`` (how to rebuild it) as metadata."""
+    from safetensors.torch import save_model  # noqa: PLC0415
+
+    config = getattr(model, "moe_config", None)
+    metadata = {"vmoe_config": json.dumps(config, default=str)} if config is not None else None
+    save_model(model, os.fspath(path), metadata=metadata)
+
+
+def load_moe_model(path: str | os.PathLike, model: nn.Module | None = None, **overrides: Any) -> nn.Module:
+    """Load a model saved by :func:`save_moe_model`.
+
+    With ``model`` given, its weights are loaded in place. Otherwise the model is rebuilt
+    from the stored configuration (``timm.create_model(name, **kwargs, **overrides)``) first.
+    """
+    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import load_model  # noqa: PLC0415
+
+    path = os.fspath(path)
+    if model is None:
+        import timm  # noqa: PLC0415
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "vmoe_config" not in metadata:
+            raise ConfigError(f"{path} has no vmoe_config metadata; pass the model to load into")
+        config = json.loads(metadata["vmoe_config"])
+        kwargs = {**config.get("model_kwargs", {}), **config.get("moe_kwargs", {}), **overrides}
+        model = timm.create_model(config["model"], **kwargs)
+    load_model(model, path)
+    return model
+
+
+def moe_model_config(
+    name: str,
+    dense_name: str,
+    moe: dict[str, Any],
+    model_kwargs: dict[str, Any],
+    layers: list[int],
+    created: list[MoEMlp],
+    description: str,
+) -> dict[str, Any]:
+    """The ``moe_config`` dict stored on an MoE model and in its checkpoints (JSON-serialisable).
+
+    ``k`` is the routers' effective ``k`` (their default when ``k=None`` was asked), ``None``
+    for routers without one (expert choice, Soft MoE).
+    """
+    routers = [layer.router for layer in created if layer.router is not None]
+    k = getattr(routers[0], "k", None) if routers else None
+    def plain(value: Any) -> Any:
+        return value if isinstance(value, (str, int, float, bool, type(None), list, dict, tuple)) else repr(value)
+
+    return {
+        "model": name,
+        "dense_model": dense_name,
+        "moe_kwargs": {key: plain(v) for key, v in copy.deepcopy(moe).items()},
+        "model_kwargs": {key: plain(v) for key, v in model_kwargs.items()},
+        "moe_layers_resolved": list(layers),
+        "moe_layers_description": description,
+        "num_experts": moe["num_experts"],
+        "router": moe["router"],
+        "k": k,
+    }
