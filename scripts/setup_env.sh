@@ -29,7 +29,8 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]
     "$PY" -m pip install -q $TORCH_SPEC
   fi
   # Keep whatever torch is installed now: a bare `pip install timm` may otherwise swap it.
-  "$PY" -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" > "$VENV/torch-constraints.txt"
+  # (without the local label: ==2.14.1 matches 2.14.1+cu130, and the machine's own cap stays satisfiable)
+  "$PY" -c "import torch, torchvision; print('torch==' + torch.__version__.split('+')[0]); print('torchvision==' + torchvision.__version__.split('+')[0])" > "$VENV/torch-constraints.txt"
   echo "== installing vmoe_lib (editable) with the book and test extras"
   "$PY" -m pip install -q -c "$VENV/torch-constraints.txt" -e ".[book,test]"
   touch "$STAMP"
