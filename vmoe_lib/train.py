@@ -231,8 +231,9 @@ def train_model(
         weights_path: if given, the final weights are saved there (safetensors).
 
     Returns:
-        ``{"history": [per-epoch metrics], "final": {...}, "costs": {...}, "extra": {...},
-        "wall_time_s": float, "device": str}``.
+        A dict with ``history`` (per-epoch metrics), ``final`` (last epoch's losses and
+        accuracies), ``costs`` (parameters, FLOPs per image), ``extra`` (``extra_eval``'s
+        output), ``wall_time_s`` and ``device``.
     """
     config.validate()
     dev = resolve_device(device)

@@ -1,16 +1,14 @@
-"""Routers of the five Vision-MoE papers, as ``nn.Module``s returning a :class:`Routing`.
+"""Routers of the five Vision-MoE papers, as ``nn.Module`` objects returning a :class:`Routing`.
 
-=========================  ===================================================  ===========================
-registry name              algorithm                                            paper
-=========================  ===================================================  ===========================
-``softmax_token_choice``   noisy softmax, top-k, capacity, vanilla/BPR          V-MoE, arXiv:2106.05974
-``sinkhorn_token_choice``  top-k on an entropic OT plan                         routers study, 2401.15969
-``softmax_expert_choice``  each expert takes its top-C tokens by softmax        routers study (EC, 2202.09368)
-``sinkhorn_expert_choice`` each expert takes its top-C tokens of the OT plan    routers study
-``sparse_expert_choice``   top-C of a C-sparse L2-regularised OT plan           routers study (2209.15466)
-``soft``                   Soft MoE: softmax over tokens / over slots           Soft MoE, arXiv:2308.00951
-``per_image``              one decision per image (+ super-class guidance)      Mobile V-MoE, 2309.04354
-=========================  ===================================================  ===========================
+Registry names, algorithms and papers:
+
+* ``softmax_token_choice`` — noisy softmax, top-k, capacity, vanilla/BPR (V-MoE, arXiv:2106.05974)
+* ``sinkhorn_token_choice`` — top-k on an entropic OT plan (routers study, arXiv:2401.15969)
+* ``softmax_expert_choice`` — each expert takes its top-C tokens by softmax (routers study; arXiv:2202.09368)
+* ``sinkhorn_expert_choice`` — each expert takes its top-C tokens of the OT plan (routers study)
+* ``sparse_expert_choice`` — top-C of a C-sparse L2-regularised OT plan (routers study; arXiv:2209.15466)
+* ``soft`` — Soft MoE: softmax over tokens / over slots (arXiv:2308.00951)
+* ``per_image`` — one decision per image, with super-class guidance (Mobile V-MoE, arXiv:2309.04354)
 
 Each allocation step is also a pure function of the router logits (or, for Soft MoE,
 of the tokens and slot parameters): :func:`top_k_token_choice`, :func:`expert_choice`,
