@@ -14,6 +14,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .results import RunResult, _repo_root
 
@@ -71,6 +72,7 @@ def accuracy_vs_epochs(results: Sequence[RunResult], metric: str = "val_accuracy
         if len(runs) > 1:
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=_color(i), alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.set_title(title or f"{metric.replace('_', ' ')} per epoch (band: min-max over seeds)")
     ax.legend()
