@@ -605,6 +605,7 @@ def main() -> None:
         "shows other jobs (oversubscribed OpenMP threads spin and distort every timing)",
     )
     parser.add_argument("--sections", default="layer,backends,peers,e2e")
+    parser.add_argument("--filter", default=None, help="only layer configurations matching e.g. 'B=256,E=8,D=192'")
     parser.add_argument("--wait-for", default=None, help="wait until this file exists before measuring (quiet machine)")
     parser.add_argument("--wait-minutes", type=float, default=45.0)
     args = parser.parse_args()
@@ -633,7 +634,10 @@ def main() -> None:
 
     layer_rows: list[dict] = []
     if "layer" in sections:
+        wanted = dict(item.split("=") for item in args.filter.split(",")) if args.filter else {}
         for cfg in layer_configs(args.quick):
+            if any(str(cfg[key]) != value for key, value in wanted.items()):
+                continue
             big = cfg["B"] * cfg["T"] > 20_000
             repeats = args.repeats or (2 if big else 5)
             row = bench_layer(cfg, dev, repeats, attribute=cfg["E"] == 8 and cfg["D"] == 192)
