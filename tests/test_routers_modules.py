@@ -467,7 +467,8 @@ def test_per_image_routing_sends_whole_images():
     router = make("per_image", k=2).eval()
     x = tokens(groups=3, size=7)
     routing = router(x)
-    assert routing.capacity == 7 and router.last_routing is routing
+    assert routing.capacity == 7
+    assert not hasattr(router, "last_routing")  # no graph kept on the module: deepcopy (EMA) stays possible
     gates = torch.softmax(router.gate(x.mean(1)).detach(), -1)
     top = torch.sort(gates, dim=-1, descending=True, stable=True)
     dispatch, combine = routing.dense()

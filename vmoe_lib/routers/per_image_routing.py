@@ -3,7 +3,7 @@
 One routing decision per image instead of per token: a router reads a pooled
 image representation and sends *all* of the image's tokens to the image's ``k``
 chosen experts; Mobile V-MoE shares this decision across the following MoE
-layers (that sharing is the backbone's job: it can reuse :attr:`PerImageRouter.last_routing`).
+layers (that sharing is the MoE layers' job: see ``vmoe_lib.layers.moe.SharedRouting``).
 
 The router can be guided by super-classes (Sec. 3, "semantic super-classes"):
 with per-image super-class labels in ``superclass_targets`` (one super-class per
@@ -48,8 +48,6 @@ class PerImageRouter(GatedRouter):
 
     Attributes:
         superclass_targets: ``LongTensor (G,)`` or ``None``; set by the caller before ``forward``.
-        last_routing: the :class:`Routing` of the last forward (with graph), for the backbone
-            to reuse in the following MoE layers.
     """
 
     name = "per_image"
@@ -86,7 +84,6 @@ class PerImageRouter(GatedRouter):
         check_positive("superclass_loss_weight", superclass_loss_weight, allow_zero=True)
         self.superclass_loss_weight = float(superclass_loss_weight)
         self.superclass_targets: torch.Tensor | None = None
-        self.last_routing: Routing | None = None
 
     @property
     def k(self) -> int:
@@ -166,5 +163,4 @@ class PerImageRouter(GatedRouter):
                     metrics["superclass_accuracy"] = (logits.argmax(-1) == targets.to(device)).float().mean()
                 metrics.update({key: value.detach().float() for key, value in terms.items()})
             routing.metrics = metrics
-            self.last_routing = routing
             return routing
