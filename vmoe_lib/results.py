@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-RECORD_PRESETS = ("cpu", "gpu")  # presets whose results are committed
 
 
 class MissingResultError(RuntimeError):
