@@ -1,0 +1,682 @@
+"""Chapter 1 — six routers at equal compute, and Batch Priority Routing at inference.
+
+Part 1 reproduces the routers study (Liu, Puigcerver, Blondel et al., TMLR 2024,
+arXiv:2401.15969): the same small MoE ViT trained with each of its six routers,
+every router given the same number of token-expert pairs per routing group.
+Its claims checked here:
+
+* ``ec_vs_tc_*`` — among sparse routers, expert choice beats token choice
+  (compared at the same affinity: softmax EC vs softmax TC, Sinkhorn EC vs
+  Sinkhorn TC);
+* ``soft_vs_sparse`` — Soft MoE beats every sparse router at fixed compute
+  (tested against the best sparse router);
+* ``moe_vs_dense`` — a sparse MoE beats the dense ViT of the same activated
+  FLOPs (V-MoE, Riquelme et al., arXiv:2106.05974).
+
+Part 2 reproduces V-MoE's Batch Priority Routing (BPR) result: softmax
+token-choice models (trained with ``k = 1`` and ``k = 2``) are evaluated at
+inference capacity factors from 0.1 to 2, with vanilla priority (token order)
+and with BPR (tokens sorted by their top-1 gate). Claim ``bpr_graceful``: BPR
+degrades gracefully where vanilla routing collapses (capacity factor < 1).
+The ``k = 2`` models are also evaluated with ``k = 1``.
+
+Everything the chapter shows beyond final accuracies (capacity sweeps, routing
+statistics, the patches dropped at low capacity) is computed right after
+training by :class:`RoutingProbe` and stored in each run's record, so the book
+renders without the weights or the dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from ..analysis import Verdict, compare, decide, summary_table, write_verdicts
+from ..data import BatchLoader, ImageDataset
+from ..layers.stats import moe_layers, record_routing
+from ..models.moe_utils import set_routing
+from ..results import results_root
+from ..train import TrainConfig, _autocast
+from .base import ChapterResults, Preset, apply_overrides, results_preset, select_preset
+from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
+
+__all__ = [
+    "NAME", "PRESETS", "ROUTER_RUNS", "RoutingProbe", "experiment", "run", "preset_table", "router_table",
+    "capacity_table", "routing_table", "sweep_frame", "verdicts",
+    "plot_router_accuracy", "plot_accuracy_vs_time", "plot_load_balance", "plot_capacity_sweep", "plot_dropped_patches",
+]
+
+NAME = "routers_bpr"
+
+# Run name -> router (registry name), in the order the routers study lists them.
+ROUTER_RUNS: dict[str, str] = {
+    "softmax_tc": "softmax_token_choice",
+    "sinkhorn_tc": "sinkhorn_token_choice",
+    "softmax_ec": "softmax_expert_choice",
+    "sinkhorn_ec": "sinkhorn_expert_choice",
+    "sparse_ec": "sparse_expert_choice",
+    "soft": "soft",
+}
+TOKEN_CHOICE_RUNS = ("softmax_tc", "sinkhorn_tc")
+EXPERT_CHOICE_RUNS = ("softmax_ec", "sinkhorn_ec", "sparse_ec")
+K2_RUN = "softmax_tc_k2"  # part 2 only: V-MoE's k = 2 with its training capacity factor 1.05
+DENSE_RUN = "dense"
+
+_SWEEP_CPU = (0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0)
+_SWEEP_SMOKE = (0.2, 0.5, 1.0, 2.0)
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke",
+        description="every code path: MoE ViT-pico, 2,048 Fashion-MNIST images, 1 epoch, 2 seeds (CI)",
+        hardware="CPU, 2 cores",
+        expected_minutes=1.5,
+        seeds=(0, 1),
+        settings={"dense": "vit_pico_patch7_28", "epochs": 1, "experts": 8, "group_images": 8,
+                  "tokens_per_image": 17, "sweep": _SWEEP_SMOKE, "probe_images": 1000, **SMOKE_DATA},
+    ),
+    "cpu": Preset(
+        name="cpu",
+        description="MoE ViT-pico (d64, depth 4, MoE in layers 1 and 3, 8 experts), Fashion-MNIST 28x28, "
+                    "55k train images, 3 epochs, 3 seeds; 8 models",
+        hardware="CPU, 2 cores, fp32, idle machine",
+        expected_minutes=40.0,
+        seeds=(0, 1, 2),
+        settings={"dense": "vit_pico_patch7_28", "epochs": 3, "experts": 8, "group_images": 8,
+                  "tokens_per_image": 17, "sweep": _SWEEP_CPU, "probe_images": None},
+    ),
+    "gpu": Preset(
+        name="gpu",
+        description="MoE ViT-tiny/4 (d192, depth 8, MoE in layers 5 and 7, 8 experts), CIFAR-100 32x32, "
+                    "60 epochs, 3 seeds (needs CIFAR-100: see the data section)",
+        hardware="1 GPU (estimated, not yet measured), bf16 autocast",
+        expected_minutes=150.0,
+        seeds=(0, 1, 2),
+        settings={"dense": "vit_tiny_patch4_32", "dataset": "cifar100", "epochs": 60, "experts": 8,
+                  "group_images": 8, "tokens_per_image": 65, "sweep": _SWEEP_CPU, "probe_images": None},
+    ),
+}
+
+
+def equal_compute_settings(router: str, *, experts: int, group_images: int, tokens_per_image: int) -> dict[str, Any]:
+    """MoE keyword arguments giving ``router`` the same token-expert pairs as every other router.
+
+    A routing group of ``group_images`` images holds ``S = group_images * tokens_per_image``
+    tokens; every sparse router gets ``C = S / E`` slots per expert (capacity factor 1.0, no
+    rounding to a multiple of 4), so ``E * C = S`` pairs per group: the compute of one dense
+    MLP per token. Token choice uses ``k = 1``. Soft MoE routes each image alone and gets
+    ``P = tokens_per_image // E`` slots per expert, i.e. ``E * P <= tokens_per_image`` slots per
+    image (slightly fewer pairs when ``E`` does not divide the token count).
+    """
+    if router == "soft":
+        slots = max(1, tokens_per_image // experts)
+        return {"router": "soft", "num_experts": experts, "router_options": {"slots_per_expert": slots}}
+    common = {"router": router, "num_experts": experts, "group_size": group_images, "capacity_factor": 1.0,
+              "eval_capacity_factor": 1.0, "router_options": {"capacity_multiple": 1}}
+    if router.endswith("token_choice"):
+        common["k"] = 1
+    return common
+
+
+def experiment(preset: str) -> dict[str, TrainConfig]:
+    """The sweep of a preset: run name -> config (six routers, the ``k = 2`` model, the dense ViT)."""
+    p = select_preset(PRESETS, preset)
+    s = dict(p.settings)
+    dense = s.pop("dense")
+    geometry = {key: s.pop(key) for key in ("experts", "group_images", "tokens_per_image")}
+    epochs = s.pop("epochs")
+    for key in ("sweep", "probe_images"):
+        s.pop(key)
+    dataset = s.pop("dataset", "fashion_mnist")
+
+    def recipe(model: str, model_kwargs: dict[str, Any]) -> TrainConfig:
+        if dataset == "fashion_mnist":
+            return fashion_mnist_recipe(model, epochs=epochs, model_kwargs=model_kwargs, **s)
+        return cifar_recipe(model, dataset=dataset, epochs=epochs, model_kwargs=model_kwargs, **s)
+
+    moe = f"vmoe_{dense}"
+    placement = {"moe_layers": "last-2"}
+    configs = {name: recipe(moe, {**placement, **equal_compute_settings(router, **geometry)})
+               for name, router in ROUTER_RUNS.items()}
+    configs[K2_RUN] = recipe(moe, {
+        **placement, "router": "softmax_token_choice", "num_experts": geometry["experts"],
+        "group_size": geometry["group_images"], "k": 2, "capacity_factor": 1.05, "eval_capacity_factor": 1.05,
+        "router_options": {"capacity_multiple": 1},
+    })
+    configs[DENSE_RUN] = recipe(dense, {})
+    return configs
+
+
+# ----------------------------------------------------------------------------------- probe
+@dataclass(frozen=True)
+class RoutingProbe:
+    """Post-training measurements of an MoE model, stored in its run record (``record["extra"]``).
+
+    For every MoE model: per-layer routing statistics over the test images at the trained
+    routing settings (expert load, dropped fraction, experts per token, class x expert).
+    For softmax token-choice models, in addition:
+
+    * ``capacity_sweep`` — test accuracy and dropped fraction at each inference capacity
+      factor of ``capacity_factors``, with vanilla priority and with BPR, at the trained ``k``
+      and (for ``k > 1``) at ``k = 1``;
+    * ``dropped_patches`` — for the first routing group of test images (``mask_images``), how
+      many experts processed each token in each MoE layer (0: dropped), at the capacity
+      factors ``mask_capacity_factors``, vanilla and BPR; with the images themselves.
+
+    Args:
+        capacity_factors: inference capacity factors of the sweep.
+        probe_images: evaluate on the first ``n`` test images (``None``: all).
+        mask_capacity_factors: capacity factors of the dropped-patch pictures.
+        mask_images: images in the dropped-patch pictures (one routing group).
+    """
+
+    capacity_factors: tuple[float, ...] = _SWEEP_CPU
+    probe_images: int | None = None
+    mask_capacity_factors: tuple[float, ...] = (0.25, 0.5)
+    mask_images: int = 8
+
+    def settings(self) -> dict[str, Any]:
+        """The probe's settings as JSON values (they enter the results key)."""
+        d = asdict(self)
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in d.items()}
+
+    def _loader(self, data: ImageDataset, device: torch.device, batch_size: int = 1000) -> BatchLoader:
+        images, labels = data.split("test")
+        if self.probe_images is not None:
+            images, labels = images[: self.probe_images], labels[: self.probe_images]
+        return BatchLoader(images, labels, batch_size=batch_size, mean=data.mean, std=data.std, device=device)
+
+    @staticmethod
+    def _recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int) -> tuple[dict[str, float], dict]:
+        model.eval()
+        with torch.no_grad(), record_routing(model, num_classes) as rec:
+            loss_sum, correct, count = 0.0, 0, 0
+            for images, labels in loader:
+                rec.labels = labels
+                with _autocast(images.device, True):
+                    logits = model(images).float()
+                loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                correct += (logits.argmax(-1) == labels).sum().item()
+                count += labels.numel()
+        return {"loss": loss_sum / count, "accuracy": correct / count}, rec.summary()
+
+    def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
+        layers = moe_layers(model)
+        if not layers:
+            return {}
+        loader = self._loader(data, device)
+        metrics, stats = self._recorded_eval(model, loader, data.num_classes)
+        out: dict[str, Any] = {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
+        routers = [layer.router for _, layer in layers if layer.router is not None]
+        if routers and all(layer.router_name == "softmax_token_choice" for _, layer in layers):
+            original = {key: getattr(routers[0], key) for key in ("k", "eval_capacity_factor", "batch_priority", "capacity_multiple")}
+            try:
+                out["capacity_sweep"] = self._sweep(model, loader, original["k"])
+                out["dropped_patches"] = self._dropped_patches(model, data, device, original["k"])
+            finally:
+                set_routing(model, **original)
+        return out
+
+    def _sweep(self, model: nn.Module, loader: BatchLoader, trained_k: int) -> list[dict[str, Any]]:
+        rows = []
+        for k in sorted({trained_k, 1}, reverse=True):
+            for bpr in (False, True):
+                for cf in self.capacity_factors:
+                    set_routing(model, k=k, eval_capacity_factor=float(cf), batch_priority=bpr, capacity_multiple=1)
+                    metrics, stats = self._recorded_eval(model, loader, None)
+                    dropped = float(np.mean([s["dropped_fraction"] for s in stats.values()]))
+                    rows.append({"k": k, "batch_priority": bpr, "capacity_factor": float(cf),
+                                 "accuracy": metrics["accuracy"], "loss": metrics["loss"], "dropped_fraction": dropped,
+                                 "dropped_per_layer": [s["dropped_fraction"] for s in stats.values()]})
+        return rows
+
+    def _dropped_patches(self, model: nn.Module, data: ImageDataset, device: torch.device, k: int) -> dict[str, Any]:
+        images, labels = data.split("test")
+        images, labels = images[: self.mask_images], labels[: self.mask_images]
+        loader = BatchLoader(images, labels, batch_size=self.mask_images, mean=data.mean, std=data.std, device=device)
+        layers = moe_layers(model)
+        masks = []
+        model.eval()
+        for cf in self.mask_capacity_factors:
+            for bpr in (False, True):
+                set_routing(model, k=k, eval_capacity_factor=float(cf), batch_priority=bpr, capacity_multiple=1)
+                for _, layer in layers:
+                    layer.keep_routing = True
+                try:
+                    with torch.no_grad():
+                        for batch, _ in loader:
+                            model(batch)
+                    per_layer = {}
+                    for name, layer in layers:
+                        r = layer.last_routing
+                        tokens = r.num_groups * r.group_size
+                        counts = torch.bincount((r.group_index * r.group_size + r.token_index).cpu(), minlength=tokens)
+                        per_layer[name] = counts.view(self.mask_images, -1).tolist()
+                finally:
+                    for _, layer in layers:
+                        layer.keep_routing = False
+                        layer.last_routing = None
+                masks.append({"capacity_factor": float(cf), "batch_priority": bpr, "k": k, "experts_per_token": per_layer})
+        return {"images": images.squeeze(1).tolist() if images.shape[1] == 1 else images.tolist(),
+                "labels": labels.tolist(), "class_names": list(data.class_names), "masks": masks}
+
+
+def probe_for(preset: str) -> RoutingProbe:
+    """The :class:`RoutingProbe` of a preset."""
+    s = select_preset(PRESETS, preset).settings
+    return RoutingProbe(capacity_factors=tuple(s["sweep"]), probe_images=s["probe_images"])
+
+
+def run(
+    preset: str = "smoke",
+    seeds: Sequence[int] | None = None,
+    device: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> ChapterResults:
+    """Load the preset's results, training whatever is missing (unless results are required)."""
+    from ..results import load_or_run
+
+    p = select_preset(PRESETS, preset)
+    configs = apply_overrides(experiment(preset), overrides)
+    folder = results_preset(preset, overrides)
+    probe = probe_for(preset)
+    results = load_or_run(NAME, folder, configs, list(seeds) if seeds else list(p.seeds), device=device,
+                          progress=progress, extra_eval=probe, hash_extra={"probe": probe.settings()})
+    return ChapterResults(NAME, folder, results)
+
+
+# ----------------------------------------------------------------------------------- tables
+def preset_table() -> pd.DataFrame:
+    """The presets, their hardware and expected wall time (for the chapter header)."""
+    return pd.DataFrame(
+        [{"preset": p.name, "what": p.description, "hardware": p.hardware, "expected minutes": p.expected_minutes,
+          "seeds": len(p.seeds)} for p in PRESETS.values()]
+    ).set_index("preset")
+
+
+def _pm(values: Sequence[float], unit: float = 100.0, digits: int = 2) -> str:
+    v = np.asarray(values, dtype=float) * unit
+    if v.size > 1:
+        return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+    return f"{v.mean():.{digits}f}"
+
+
+def _routing_of(r) -> dict[str, dict[str, Any]]:
+    return (r.record.get("extra") or {}).get("routing", {})
+
+
+def _describe(config: TrainConfig, tokens_per_image: int) -> tuple[str, int | None]:
+    """(routing settings in words, token-expert pairs per image) of a config."""
+    kw = config.model_kwargs
+    router = kw.get("router")
+    if router is None:
+        return "dense MLP", tokens_per_image
+    E = kw.get("num_experts", 8)
+    if router == "soft":
+        P = kw["router_options"]["slots_per_expert"]
+        return f"{E} experts x {P} slots per image", E * P
+    group = kw.get("group_size", 8)
+    S = group * tokens_per_image
+    cf, k = kw.get("capacity_factor", 1.0), kw.get("k", 1)
+    C = math.ceil(S * (k or 1) * cf / E)
+    what = f"k={k}, " if k else ""
+    return f"{what}C={C} per expert per {group}-image group (cf {cf})", E * C / group
+
+
+def router_table(results: ChapterResults) -> pd.DataFrame:
+    """Per run: router, token-expert pairs, size, FLOPs, speed, routing statistics and accuracy."""
+    table = summary_table(results.results)
+    groups = results.by_name()
+    rows = {}
+    for name, runs in groups.items():
+        first = runs[0]
+        tokens = _tokens_per_image(first)
+        how, pairs = _describe(first.config, tokens)
+        row: dict[str, Any] = {"router": first.config.model_kwargs.get("router", "—"), "routing": how,
+                               "pairs / image": round(pairs, 1) if pairs is not None else None}
+        t = table.loc[name]
+        row["params (k)"] = round(t["params_total"] / 1e3, 1)
+        row["activated params (k)"] = round(t["params_activated"] / 1e3, 1)
+        row["MFLOPs / image"] = round(t["flops_per_image"] / 1e6, 2)
+        row["train img/s"] = round(t["images_per_s"])
+        row["train min / run"] = round(np.mean([_train_seconds(r) for r in runs]) / 60, 2)
+        stats = [_routing_of(r) for r in runs]
+        if stats[0]:
+            row["dropped tokens (%)"] = _pm([np.mean([s["dropped_fraction"] for s in st.values()]) for st in stats], digits=1)
+            row["load CV"] = _pm([np.mean([_cv(s["expert_load"]) for s in st.values()]) for st in stats], unit=1.0)
+            row["experts / token"] = _pm([np.mean([s["mean_experts_per_token"] for s in st.values()]) for st in stats], unit=1.0)
+        row["test acc. (%)"] = _pm([r.final["test_accuracy"] for r in runs])
+        row["seeds"] = len(runs)
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _tokens_per_image(result) -> int:
+    routing = _routing_of(result)
+    probe = (result.record.get("extra") or {}).get("probe")
+    if routing and probe:
+        return int(next(iter(routing.values()))["tokens"] // probe["images"])
+    size = result.config.image_size or 28
+    patch = 7 if "patch7" in result.config.model else 4
+    return (size // patch) ** 2 + 1
+
+
+def _train_seconds(result) -> float:
+    return float(sum(h["epoch_seconds"] for h in result.history))
+
+
+def _cv(load: Sequence[float]) -> float:
+    x = np.asarray(load, dtype=float)
+    return float(x.std() / x.mean()) if x.mean() > 0 else float("nan")
+
+
+def sweep_frame(results: ChapterResults) -> pd.DataFrame:
+    """Every capacity-sweep point of every seed: run, seed, k, priority, capacity factor, accuracy, dropped."""
+    rows = []
+    for r in results.results:
+        for point in (r.record.get("extra") or {}).get("capacity_sweep", []):
+            rows.append({"run": r.name, "seed": r.seed, "trained k": r.config.model_kwargs.get("k"),
+                         "eval k": point["k"], "priority": "BPR" if point["batch_priority"] else "vanilla",
+                         "capacity factor": point["capacity_factor"], "accuracy": point["accuracy"],
+                         "dropped": point["dropped_fraction"]})
+    return pd.DataFrame(rows)
+
+
+def capacity_table(results: ChapterResults) -> pd.DataFrame:
+    """Test accuracy (%, mean ± std over seeds) per (model, eval k, priority) and inference capacity factor."""
+    df = sweep_frame(results)
+    if df.empty:
+        return df
+    cell = df.groupby(["run", "eval k", "priority", "capacity factor"])["accuracy"].apply(lambda v: _pm(list(v), digits=1))
+    return cell.unstack("capacity factor")
+
+
+def routing_table(results: ChapterResults) -> pd.DataFrame:
+    """Per router and MoE layer: dropped fraction, load CV, max/min expert share, experts-per-token histogram."""
+    rows = []
+    for name, runs in results.by_name().items():
+        layers = _routing_of(runs[0])
+        for layer_name in layers:
+            per_seed = [_routing_of(r)[layer_name] for r in runs]
+            load = np.mean([s["expert_load"] for s in per_seed], axis=0)
+            hist = np.mean([s["experts_per_token_hist"] for s in per_seed], axis=0)
+            rows.append({"run": name, "layer": per_seed[0]["layer"],
+                         "dropped (%)": round(100 * float(np.mean([s["dropped_fraction"] for s in per_seed])), 1),
+                         "load CV": round(float(np.mean([_cv(s["expert_load"]) for s in per_seed])), 3),
+                         "busiest expert share (%)": round(100 * float(load.max()), 1),
+                         "idlest expert share (%)": round(100 * float(load.min()), 1),
+                         "tokens with 0/1/2/3+ experts (%)": " / ".join(
+                             f"{100 * v:.0f}" for v in (*hist[:3], hist[3:].sum()))})
+    return pd.DataFrame(rows).set_index(["run", "layer"]) if rows else pd.DataFrame()
+
+
+# ----------------------------------------------------------------------------------- verdicts
+def _values(results: ChapterResults, name: str, metric: str = "test_accuracy") -> list[float]:
+    return [float(r.final[metric]) for r in results.by_name().get(name, [])]
+
+
+def _fmt(c, unit: float = 100.0) -> str:
+    ci = f", 95% CI [{c.ci_low * unit:+.2f}, {c.ci_high * unit:+.2f}]" if np.isfinite(c.ci_low) else ""
+    p = f", one-sided p = {c.p_value:.3g}" if np.isfinite(c.p_value) else ""
+    return f"{c.mean_a * unit:.2f} vs {c.mean_b * unit:.2f} %: {c.diff * unit:+.2f} points{ci}{p}"
+
+
+def _sweep_values(results: ChapterResults, run_name: str, k: int, bpr: bool, cf: float) -> list[float]:
+    out = []
+    for r in results.by_name().get(run_name, []):
+        for point in (r.record.get("extra") or {}).get("capacity_sweep", []):
+            if point["k"] == k and point["batch_priority"] == bpr and math.isclose(point["capacity_factor"], cf):
+                out.append(float(point["accuracy"]))
+    return out
+
+
+def _scale(results: ChapterResults) -> str:
+    groups = results.by_name()
+    n = min(len(v) for v in groups.values())
+    return f"{n} seeds; {results.preset} budget ({results.results[0].config.epochs} epochs, {results.results[0].config.dataset})"
+
+
+def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
+    """The chapter's checks, computed from its runs (and written to ``verdicts.json``)."""
+    groups = results.by_name()
+    why = _scale(results)
+    out: list[Verdict] = []
+    labels = {"softmax": "softmax", "sinkhorn": "Sinkhorn"}
+    for affinity in ("softmax", "sinkhorn"):
+        ec, tc = f"{affinity}_ec", f"{affinity}_tc"
+        if ec in groups and tc in groups:
+            c = compare(_values(results, ec), _values(results, tc))
+            out.append(Verdict(
+                claim_id=f"ec_vs_tc_{affinity}",
+                claim=f"Expert choice beats token choice ({labels[affinity]} affinities, equal pairs)",
+                source="Routers study (Liu et al., arXiv:2401.15969)",
+                paper_evidence="among sparse routers, Expert Choice > Token Choice (JFT/ImageNet few-shot and fine-tuning)",
+                measurement=f"{ec} vs {tc}, test acc. {_fmt(c)}",
+                verdict=decide(c), why=why,
+                values={ec: _values(results, ec), tc: _values(results, tc)}, statistics=c.__dict__,
+            ))
+    sparse = [n for n in ROUTER_RUNS if n != "soft" and n in groups]
+    if "soft" in groups and sparse:
+        best = max(sparse, key=lambda n: np.mean(_values(results, n)))
+        c = compare(_values(results, "soft"), _values(results, best))
+        out.append(Verdict(
+            claim_id="soft_vs_sparse",
+            claim="Soft MoE beats every sparse router at fixed compute (tested against the best one)",
+            source="Routers study (arXiv:2401.15969); Soft MoE (Puigcerver et al., arXiv:2308.00951)",
+            paper_evidence="Soft MoE is the best router in every setting of the study",
+            measurement=f"soft vs best sparse ({best}), test acc. {_fmt(c)}",
+            verdict=decide(c), why=why,
+            values={"soft": _values(results, "soft"), best: _values(results, best)}, statistics=c.__dict__,
+        ))
+    if DENSE_RUN in groups and "softmax_tc" in groups:
+        c = compare(_values(results, "softmax_tc"), _values(results, DENSE_RUN))
+        out.append(Verdict(
+            claim_id="moe_vs_dense",
+            claim="A V-MoE (softmax token choice, k=1) beats the dense ViT of the same activated FLOPs",
+            source="V-MoE (Riquelme et al., arXiv:2106.05974)",
+            paper_evidence="V-MoE beats its dense ViT at equal inference compute, when pre-trained on JFT-300M",
+            measurement=f"softmax_tc vs dense, test acc. {_fmt(c)}",
+            verdict=decide(c), why=why,
+            values={"softmax_tc": _values(results, "softmax_tc"), DENSE_RUN: _values(results, DENSE_RUN)},
+            statistics=c.__dict__,
+        ))
+    sweep = sweep_frame(results)
+    if not sweep.empty:
+        for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
+            cfs = sorted(sweep.loc[(sweep["run"] == run_name) & (sweep["eval k"] == k), "capacity factor"].unique())
+            low = [cf for cf in cfs if cf <= 0.5 + 1e-9]
+            if not low:
+                continue
+            cf = max(low)
+            bpr, van = _sweep_values(results, run_name, k, True, cf), _sweep_values(results, run_name, k, False, cf)
+            full_bpr = _sweep_values(results, run_name, k, True, max(cfs))
+            full_van = _sweep_values(results, run_name, k, False, max(cfs))
+            c = compare(bpr, van)
+            out.append(Verdict(
+                claim_id=f"bpr_graceful_k{k}",
+                claim=f"At inference capacity factor {cf:g}, BPR keeps accuracy where vanilla routing collapses ({run_name}, k={k})",
+                source="V-MoE (arXiv:2106.05974, Sec. 4, Fig. 5-6)",
+                paper_evidence="with BPR accuracy degrades gracefully as capacity drops; vanilla routing collapses below C≈1",
+                measurement=(f"BPR vs vanilla at cf {cf:g}, test acc. {_fmt(c)}; "
+                             f"at cf {max(cfs):g}: BPR {np.mean(full_bpr) * 100:.2f}, vanilla {np.mean(full_van) * 100:.2f} %"),
+                verdict=decide(c), why=why,
+                values={f"bpr@{cf:g}": bpr, f"vanilla@{cf:g}": van, f"bpr@{max(cfs):g}": full_bpr,
+                        f"vanilla@{max(cfs):g}": full_van},
+                statistics=c.__dict__,
+            ))
+    if write:
+        write_verdicts(out, results_root() / results.preset / NAME / "verdicts.json")
+    return out
+
+
+# ----------------------------------------------------------------------------------- figures
+def plot_router_accuracy(results: ChapterResults):
+    """Test accuracy per router (points: seeds; diamond: mean ± std), dense baseline as a band."""
+    import matplotlib.pyplot as plt
+
+    from ..plots import _color, style
+
+    style()
+    groups = results.by_name()
+    names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
+    fig, ax = plt.subplots(figsize=(7.2, 4))
+    if DENSE_RUN in groups:
+        d = np.array(_values(results, DENSE_RUN)) * 100
+        ax.axhspan(d.mean() - (d.std(ddof=1) if d.size > 1 else 0), d.mean() + (d.std(ddof=1) if d.size > 1 else 0),
+                   color="0.85", zorder=0)
+        ax.axhline(d.mean(), color="0.4", ls="--", lw=1, label=f"dense ViT, same activated FLOPs ({d.mean():.2f}%)")
+    for i, name in enumerate(names):
+        ys = np.array(_values(results, name)) * 100
+        jitter = np.linspace(-0.08, 0.08, ys.size) if ys.size > 1 else np.zeros(1)
+        ax.scatter(i + jitter, ys, color=_color(i), alpha=0.6, s=22)
+        ax.errorbar(i + 0.24, ys.mean(), yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="D", color=_color(i), capsize=4)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Routers at equal token-expert pairs (k=2 model: twice the pairs)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_time(results: ChapterResults):
+    """Test accuracy against measured training time on this machine (each point a seed)."""
+    import matplotlib.pyplot as plt
+
+    from ..plots import _color, style
+
+    style()
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    for i, (name, runs) in enumerate(results.by_name().items()):
+        xs = np.array([_train_seconds(r) / 60 for r in runs])
+        ys = np.array([r.final["test_accuracy"] for r in runs]) * 100
+        ax.scatter(xs, ys, color=_color(i), alpha=0.45, s=18)
+        ax.errorbar(xs.mean(), ys.mean(), xerr=xs.std(ddof=1) if xs.size > 1 else None,
+                    yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="o", color=_color(i), capsize=3, label=name)
+    device = results.results[0].record.get("device", "")
+    ax.set_xlabel(f"training time (min, {device}, sum of epoch times)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs training time: the cost of each allocation algorithm")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_load_balance(results: ChapterResults):
+    """Per router and MoE layer: sorted expert load shares, dropped tokens, experts per token."""
+    import matplotlib.pyplot as plt
+
+    from ..plots import _color, style
+
+    style()
+    groups = {n: runs for n, runs in results.by_name().items() if _routing_of(runs[0])}
+    names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
+    layer_names = list(_routing_of(groups[names[0]][0])) if names else []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        runs = groups[name]
+        for j, layer in enumerate(layer_names):
+            loads = np.array([sorted(_routing_of(r)[layer]["expert_load"], reverse=True) for r in runs]) * 100
+            E = loads.shape[1]
+            axes[0].plot(np.arange(1, E + 1), loads.mean(0), color=_color(i), ls="-" if j == len(layer_names) - 1 else ":",
+                         marker="o", ms=3, label=name if j == len(layer_names) - 1 else None)
+        dropped = [[_routing_of(r)[layer]["dropped_fraction"] * 100 for r in runs] for layer in layer_names]
+        hist = np.mean([[_routing_of(r)[layer]["experts_per_token_hist"] for layer in layer_names] for r in runs], axis=(0, 1))
+        xs = np.arange(len(layer_names)) + (i - (len(names) - 1) / 2) * width
+        axes[1].bar(xs, [np.mean(d) for d in dropped], width=width, color=_color(i), label=name,
+                    yerr=[np.std(d, ddof=1) if len(d) > 1 else 0 for d in dropped], capsize=2)
+        counts = np.arange(hist.size)
+        shown = min(hist.size, 5)
+        axes[2].plot(counts[:shown], hist[:shown] * 100, color=_color(i), marker="o", ms=4, label=name)
+    E = len(_routing_of(groups[names[0]][0])[layer_names[0]]["expert_load"]) if names else 1
+    axes[0].axhline(100 / E, color="0.5", lw=1, ls="--")
+    axes[0].set_xlabel("expert, sorted by load")
+    axes[0].set_ylabel("share of token-expert pairs (%)")
+    axes[0].set_title("Expert load (solid: last MoE layer, dotted: earlier;\ndashed: perfect balance)")
+    axes[0].legend(fontsize=7)
+    axes[1].set_xticks(range(len(layer_names)), [f"layer {_routing_of(groups[names[0]][0])[n]['layer']}" for n in layer_names])
+    axes[1].set_ylabel("tokens dropped (%)")
+    axes[1].set_title("Tokens processed by no expert (test set)")
+    axes[2].set_xlabel("experts processing a token")
+    axes[2].set_ylabel("tokens (%)")
+    axes[2].set_title("Experts per token (Soft MoE: all, by construction)")
+    axes[2].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def plot_capacity_sweep(results: ChapterResults):
+    """V-MoE's figure: test accuracy vs inference capacity factor, vanilla (dashed) vs BPR (solid)."""
+    import matplotlib.pyplot as plt
+
+    from ..plots import _color, style
+
+    style()
+    df = sweep_frame(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    panels = [(axes[0], [("softmax_tc", 1)], "trained and evaluated with k=1"),
+              (axes[1], [(K2_RUN, 2), (K2_RUN, 1)], "trained with k=2, evaluated with k=2 / k=1")]
+    for ax, series, title in panels:
+        for i, (run_name, k) in enumerate(series):
+            for priority, ls in (("BPR", "-"), ("vanilla", "--")):
+                sel = df[(df["run"] == run_name) & (df["eval k"] == k) & (df["priority"] == priority)]
+                if sel.empty:
+                    continue
+                g = sel.groupby("capacity factor")["accuracy"]
+                mean, lo, hi = g.mean() * 100, g.min() * 100, g.max() * 100
+                ax.plot(mean.index, mean.values, ls=ls, marker="o", ms=4, color=_color(i), label=f"eval k={k}, {priority}")
+                ax.fill_between(mean.index, lo.values, hi.values, color=_color(i), alpha=0.15, linewidth=0)
+        ax.axvline(1.0, color="0.6", lw=1, ls=":")
+        ax.set_xlabel("inference capacity factor")
+        ax.set_title(title)
+        ax.legend()
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.suptitle("Accuracy vs capacity at inference (band: min-max over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_dropped_patches(results: ChapterResults, run_name: str = "softmax_tc", seed: int | None = None, layer: int = -1,
+                         images: int = 6):
+    """Which patches vanilla routing and BPR drop at low capacity (red: processed by no expert)."""
+    import matplotlib.pyplot as plt
+
+    from ..plots import style
+
+    style()
+    runs = results.by_name()[run_name]
+    r = next((x for x in runs if seed is None or x.seed == seed), runs[0])
+    info = r.record["extra"]["dropped_patches"]
+    pics = np.asarray(info["images"], dtype=float)[:images]
+    masks = info["masks"]
+    layer_name = list(masks[0]["experts_per_token"])[layer]
+    n = pics.shape[0]
+    side = pics.shape[-1]
+    fig, axes = plt.subplots(len(masks), n, figsize=(1.5 * n, 1.6 * len(masks) + 0.4), squeeze=False)
+    for row, m in enumerate(masks):
+        counts = np.asarray(m["experts_per_token"][layer_name])[:n]
+        patches = counts[:, 1:] if counts.shape[1] == int(round(math.sqrt(counts.shape[1] - 1))) ** 2 + 1 else counts
+        grid = int(round(math.sqrt(patches.shape[1])))
+        for col in range(n):
+            ax = axes[row, col]
+            ax.imshow(pics[col], cmap="gray", vmin=0, vmax=255)
+            dropped = (patches[col] == 0).reshape(grid, grid).astype(float)
+            overlay = np.kron(dropped, np.ones((side // grid, side // grid)))
+            ax.imshow(np.ma.masked_where(overlay == 0, overlay), cmap="autumn", alpha=0.55, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(f"{'BPR' if m['batch_priority'] else 'vanilla'}\ncf {m['capacity_factor']:g}", fontsize=9)
+            if row == 0:
+                ax.set_title(info["class_names"][info["labels"][col]], fontsize=8)
+    fig.suptitle(f"Patches dropped in MoE layer {layer_name} ({run_name}, seed {r.seed}; red: no expert)", fontsize=10)
+    fig.tight_layout()
+    return fig
