@@ -204,3 +204,26 @@ def test_write_verdicts_round_trip(tmp_path):
     data = json.loads(path.read_text())
     assert [Verdict(**d) for d in data] == VERDICTS
     assert data[0]["values"] == {"a": [1.0, 2.0]} and data[1]["statistics"] == {}
+
+
+def test_compare_paired_hand_worked():
+    from vmoe_lib.analysis import compare_paired
+
+    # differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3); t = 2*sqrt(3) = 3.464 with 2 dof
+    c = compare_paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert c.diff == pytest.approx(2.0)
+    assert c.p_value == pytest.approx(0.03709, abs=2e-4)
+    half = 4.302653 / math.sqrt(3)  # t_{0.975, 2} * se
+    assert (c.ci_low, c.ci_high) == (pytest.approx(2 - half, abs=1e-5), pytest.approx(2 + half, abs=1e-5))
+
+
+def test_paired_test_sees_a_consistent_gain_that_welch_cannot():
+    from vmoe_lib.analysis import compare_paired
+
+    models = [0.80, 0.85, 0.90]  # seeds differ a lot, but each seed's model gains 1 point
+    improved = [m + 0.01 for m in models]
+    assert decide(compare(improved, models)) == "inconclusive"
+    assert decide(compare_paired(improved, models)) == "reproduced"
+    assert decide(compare_paired(models, improved)) == "not reproduced"
+    with pytest.raises(ValueError, match="equally long"):
+        compare_paired([1.0, 2.0], [1.0])

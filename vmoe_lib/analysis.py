@@ -1,7 +1,9 @@
 """Tables and verdicts computed from stored results (never typed by hand).
 
 A verdict compares two groups of per-seed measurements with Welch's t-test
-(unequal variances, few seeds) and says:
+(unequal variances, few seeds) — or, when both measurements come from the same
+trained model (e.g. one model evaluated two ways), with a paired t-test over
+seeds (:func:`compare_paired`) — and says:
 
 * ``reproduced`` — the claimed direction holds with one-sided p < ``alpha``;
 * ``not reproduced`` — the 95% interval of the difference lies entirely below
@@ -25,7 +27,7 @@ from scipy import stats
 
 from .results import RunResult
 
-__all__ = ["Comparison", "Verdict", "compare", "runs_table", "summary_table", "final_metric", "write_verdicts", "verdict_table"]
+__all__ = ["Comparison", "Verdict", "compare", "compare_paired", "decide", "describe_comparison", "runs_table", "summary_table", "final_metric", "write_verdicts", "verdict_table"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
@@ -66,6 +68,31 @@ def compare(a: Sequence[float], b: Sequence[float], *, min_effect: float = 0.0, 
     return Comparison(float(a.mean()), float(b.mean()), diff, diff - half, diff + half, p, a.size, b.size, min_effect)
 
 
+def compare_paired(
+    a: Sequence[float], b: Sequence[float], *, min_effect: float = 0.0, confidence: float = 0.95
+) -> Comparison:
+    """Paired comparison: ``a[i]`` and ``b[i]`` are two measurements of the same seed's model.
+
+    One-sample t-test on the per-seed differences ``a[i] - b[i]`` (claim: their mean exceeds
+    ``min_effect``), with its two-sided ``confidence`` interval. Same :class:`Comparison` fields
+    as :func:`compare`, so :func:`decide` applies unchanged.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"compare_paired() needs two equally long, non-empty samples; got {a.size} and {b.size}")
+    d = a - b
+    diff = float(d.mean())
+    n = d.size
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    if n < 2 or se == 0.0:
+        p = 0.0 if n > 1 and diff > min_effect else float("nan")
+        lo = hi = diff if n > 1 else float("nan")
+        return Comparison(float(a.mean()), float(b.mean()), diff, lo, hi, p, n, n, min_effect)
+    p = float(stats.t.sf((diff - min_effect) / se, n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * se)
+    return Comparison(float(a.mean()), float(b.mean()), diff, diff - half, diff + half, p, n, n, min_effect)
+
+
 def decide(comparison: Comparison, *, min_effect: float | None = None, alpha: float = 0.05) -> str:
     """Map a :class:`Comparison` to ``reproduced`` / ``not reproduced`` / ``inconclusive`` (see module doc).
 
@@ -78,6 +105,14 @@ def decide(comparison: Comparison, *, min_effect: float | None = None, alpha: fl
     if not math.isnan(comparison.ci_high) and comparison.ci_high < min_effect + 1e-12:
         return "not reproduced"
     return "inconclusive"
+
+
+def describe_comparison(comparison: Comparison, unit: float = 100.0, what: str = "%") -> str:
+    """``"a vs b %: +d points, 95% CI [lo, hi], one-sided p = ..."`` (accuracies as percentages by default)."""
+    c = comparison
+    ci = f", 95% CI [{c.ci_low * unit:+.2f}, {c.ci_high * unit:+.2f}]" if np.isfinite(c.ci_low) else ""
+    p = f", one-sided p = {c.p_value:.3g}" if np.isfinite(c.p_value) else ""
+    return f"{c.mean_a * unit:.2f} vs {c.mean_b * unit:.2f} {what}: {c.diff * unit:+.2f} points{ci}{p}"
 
 
 @dataclass

@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..analysis import Verdict, compare, decide, summary_table, write_verdicts
+from ..analysis import Verdict, compare, decide, describe_comparison, summary_table, write_verdicts
 from ..results import results_root
 from ..train import TrainConfig
-from .base import ChapterResults, Preset, apply_overrides, results_preset, select_preset
+from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
 from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
 
 NAME = "dense_baselines"
@@ -82,21 +82,12 @@ def run(
     progress: bool = True,
 ) -> ChapterResults:
     """Load the preset's results, training whatever is missing (unless results are required)."""
-    from ..results import load_or_run
-
-    p = select_preset(PRESETS, preset)
-    configs = apply_overrides(experiment(preset), overrides)
-    folder = results_preset(preset, overrides)
-    results = load_or_run(NAME, folder, configs, list(seeds) if seeds else list(p.seeds), device=device, progress=progress)
-    return ChapterResults(NAME, folder, results)
+    return run_sweep(NAME, PRESETS, experiment, preset, seeds=seeds, device=device, overrides=overrides, progress=progress)
 
 
 def preset_table() -> pd.DataFrame:
     """The presets, their hardware and expected wall time (for the chapter header)."""
-    return pd.DataFrame(
-        [{"preset": p.name, "what": p.description, "hardware": p.hardware, "expected minutes": p.expected_minutes,
-          "seeds": len(p.seeds)} for p in PRESETS.values()]
-    ).set_index("preset")
+    return preset_frame(PRESETS)
 
 
 def model_table(results: ChapterResults) -> pd.DataFrame:
@@ -121,17 +112,6 @@ def model_table(results: ChapterResults) -> pd.DataFrame:
     return out
 
 
-def _values(results: ChapterResults, name: str, metric: str = "test_accuracy") -> list[float]:
-    return [float(r.final[metric]) for r in results.by_name().get(name, [])]
-
-
-def _fmt(comparison, unit: float = 100.0) -> str:
-    ci = (
-        f", 95% CI [{comparison.ci_low * unit:+.2f}, {comparison.ci_high * unit:+.2f}]"
-        if np.isfinite(comparison.ci_low) else ""
-    )
-    p = f", one-sided p = {comparison.p_value:.3g}" if np.isfinite(comparison.p_value) else ""
-    return f"{comparison.mean_a * unit:.2f} vs {comparison.mean_b * unit:.2f} %: {comparison.diff * unit:+.2f} points{ci}{p}"
 
 
 def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
@@ -146,36 +126,36 @@ def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
 
     if len(vits) >= 2:
         small, large = vits[0], vits[-1]
-        c = compare(_values(results, large), _values(results, small))
+        c = compare(results.values(large), results.values(small))
         v = decide(c)
         out.append(Verdict(
             claim_id="scale",
             claim=f"The larger dense ViT ({large}) is more accurate than the smaller ({small})",
             source="ViT scaling (Zhai et al., arXiv:2106.04560)",
             paper_evidence="accuracy rises with model size at fixed data",
-            measurement="test acc. " + _fmt(c),
+            measurement="test acc. " + describe_comparison(c),
             verdict=v,
             why=why_scale,
-            values={large: _values(results, large), small: _values(results, small)},
+            values={large: results.values(large), small: results.values(small)},
             statistics=c.__dict__,
         ))
     if convs and vits:
         conv = convs[0]
         cheaper = [n for n in vits if costs[n] <= costs[conv]] or vits[:1]
-        vit = max(cheaper, key=lambda n: np.mean(_values(results, n)))
-        c = compare(_values(results, conv), _values(results, vit))
+        vit = max(cheaper, key=lambda n: np.mean(results.values(n)))
+        c = compare(results.values(conv), results.values(vit))
         out.append(Verdict(
             claim_id="convnet_prior",
             claim=f"On small data a ConvNeXt ({conv}) beats the best ViT of no more FLOPs ({vit})",
             source="ViT (Dosovitskiy et al., arXiv:2010.11929, Sec. 4)",
             paper_evidence="ViTs underperform CNNs when pre-trained on small datasets",
-            measurement=f"test acc. {_fmt(c)}; FLOPs {costs[conv] / 1e6:.1f}M vs {costs[vit] / 1e6:.1f}M",
+            measurement=f"test acc. {describe_comparison(c)}; FLOPs {costs[conv] / 1e6:.1f}M vs {costs[vit] / 1e6:.1f}M",
             verdict=decide(c),
             why=why_scale,
-            values={conv: _values(results, conv), vit: _values(results, vit)},
+            values={conv: results.values(conv), vit: results.values(vit)},
             statistics=c.__dict__,
         ))
-    stds = {n: float(np.std(_values(results, n), ddof=1)) for n in groups if len(groups[n]) > 1}
+    stds = {n: float(np.std(results.values(n), ddof=1)) for n in groups if len(groups[n]) > 1}
     if stds:
         pooled = float(np.sqrt(np.mean(np.square(list(stds.values())))))
         n = n_seeds
@@ -191,7 +171,7 @@ def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
             measurement=f"seed std {pooled * 100:.2f} points (pooled); smallest resolvable gain {detectable * 100:.2f} points",
             verdict=verdict,
             why="holds: <= 0.5 point; partly: 0.5-1 point; does not hold: > 1 point",
-            values={name: _values(results, name) for name in stds},
+            values={name: results.values(name) for name in stds},
             statistics={"pooled_std": pooled, "detectable_difference": detectable, "seeds": n},
         ))
     if write:

@@ -33,23 +33,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..analysis import Verdict, compare, decide, summary_table, write_verdicts
+from ..analysis import Verdict, compare, compare_paired, decide, describe_comparison, summary_table, write_verdicts
 from ..data import BatchLoader, ImageDataset
 from ..layers.stats import moe_layers, record_routing
 from ..models.moe_utils import set_routing
+from ..plots import _color, style
 from ..results import results_root
 from ..train import TrainConfig, _autocast
-from .base import ChapterResults, Preset, apply_overrides, results_preset, select_preset
+from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
 from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
 
 __all__ = [
     "NAME", "PRESETS", "ROUTER_RUNS", "RoutingProbe", "experiment", "run", "preset_table", "router_table",
-    "capacity_table", "routing_table", "sweep_frame", "verdicts",
+    "capacity_table", "routing_table", "sweep_frame", "verdicts", "findings",
     "plot_router_accuracy", "plot_accuracy_vs_time", "plot_load_balance", "plot_capacity_sweep", "plot_dropped_patches",
 ]
 
@@ -86,8 +88,8 @@ PRESETS: dict[str, Preset] = {
         name="cpu",
         description="MoE ViT-pico (d64, depth 4, MoE in layers 1 and 3, 8 experts), Fashion-MNIST 28x28, "
                     "55k train images, 3 epochs, 3 seeds; 8 models",
-        hardware="CPU, 2 cores, fp32, idle machine",
-        expected_minutes=40.0,
+        hardware="CPU, 2 cores, fp32 (measured: 47 min for the 24 runs, idle machine)",
+        expected_minutes=48.0,
         seeds=(0, 1, 2),
         settings={"dense": "vit_pico_patch7_28", "epochs": 3, "experts": 8, "group_images": 8,
                   "tokens_per_image": 17, "sweep": _SWEEP_CPU, "probe_images": None},
@@ -281,25 +283,19 @@ def run(
     overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> ChapterResults:
-    """Load the preset's results, training whatever is missing (unless results are required)."""
-    from ..results import load_or_run
+    """Load the preset's results, training whatever is missing (unless results are required).
 
-    p = select_preset(PRESETS, preset)
-    configs = apply_overrides(experiment(preset), overrides)
-    folder = results_preset(preset, overrides)
+    Every trained run is measured by the preset's :class:`RoutingProbe`, whose settings enter the results key.
+    """
     probe = probe_for(preset)
-    results = load_or_run(NAME, folder, configs, list(seeds) if seeds else list(p.seeds), device=device,
-                          progress=progress, extra_eval=probe, hash_extra={"probe": probe.settings()})
-    return ChapterResults(NAME, folder, results)
+    return run_sweep(NAME, PRESETS, experiment, preset, seeds=seeds, device=device, overrides=overrides,
+                     progress=progress, extra_eval=probe, hash_extra={"probe": probe.settings()})
 
 
 # ----------------------------------------------------------------------------------- tables
 def preset_table() -> pd.DataFrame:
     """The presets, their hardware and expected wall time (for the chapter header)."""
-    return pd.DataFrame(
-        [{"preset": p.name, "what": p.description, "hardware": p.hardware, "expected minutes": p.expected_minutes,
-          "seeds": len(p.seeds)} for p in PRESETS.values()]
-    ).set_index("preset")
+    return preset_frame(PRESETS)
 
 
 def _pm(values: Sequence[float], unit: float = 100.0, digits: int = 2) -> str:
@@ -314,7 +310,10 @@ def _routing_of(r) -> dict[str, dict[str, Any]]:
 
 
 def _describe(config: TrainConfig, tokens_per_image: int) -> tuple[str, int | None]:
-    """(routing settings in words, token-expert pairs per image) of a config."""
+    """(routing settings in brief, token-expert pairs per image) of a config.
+
+    ``S``: tokens per routing group; ``C``: slots per expert and group (at the training capacity factor).
+    """
     kw = config.model_kwargs
     router = kw.get("router")
     if router is None:
@@ -322,13 +321,14 @@ def _describe(config: TrainConfig, tokens_per_image: int) -> tuple[str, int | No
     E = kw.get("num_experts", 8)
     if router == "soft":
         P = kw["router_options"]["slots_per_expert"]
-        return f"{E} experts x {P} slots per image", E * P
+        return f"{E}x{P} slots / image", E * P
     group = kw.get("group_size", 8)
     S = group * tokens_per_image
-    cf, k = kw.get("capacity_factor", 1.0), kw.get("k", 1)
+    cf, k = kw.get("capacity_factor", 1.0), kw.get("k")
     C = math.ceil(S * (k or 1) * cf / E)
-    what = f"k={k}, " if k else ""
-    return f"{what}C={C} per expert per {group}-image group (cf {cf})", E * C / group
+    if router.endswith("expert_choice"):
+        return f"experts pick C={C} of S={S}", E * C / group
+    return f"top-{k}, C={C}, S={S}", E * C / group
 
 
 def router_table(results: ChapterResults) -> pd.DataFrame:
@@ -419,22 +419,66 @@ def routing_table(results: ChapterResults) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------- verdicts
-def _values(results: ChapterResults, name: str, metric: str = "test_accuracy") -> list[float]:
-    return [float(r.final[metric]) for r in results.by_name().get(name, [])]
 
 
-def _fmt(c, unit: float = 100.0) -> str:
-    ci = f", 95% CI [{c.ci_low * unit:+.2f}, {c.ci_high * unit:+.2f}]" if np.isfinite(c.ci_low) else ""
-    p = f", one-sided p = {c.p_value:.3g}" if np.isfinite(c.p_value) else ""
-    return f"{c.mean_a * unit:.2f} vs {c.mean_b * unit:.2f} %: {c.diff * unit:+.2f} points{ci}{p}"
+def _welch_verdict(results: ChapterResults, claim_id: str, a: str, b: str, why: str, *, claim: str, source: str,
+                   evidence: str) -> Verdict:
+    """Claim "run ``a`` is more accurate than run ``b``", tested with Welch's t-test over seeds."""
+    c = compare(results.values(a), results.values(b))
+    return Verdict(
+        claim_id=claim_id, claim=claim, source=source, paper_evidence=evidence,
+        measurement=f"{a} vs {b}, test acc. {describe_comparison(c)}", verdict=decide(c), why=why,
+        values={a: results.values(a), b: results.values(b)}, statistics=c.__dict__,
+    )
 
 
-def _sweep_values(results: ChapterResults, run_name: str, k: int, bpr: bool, cf: float) -> list[float]:
-    out = []
-    for r in results.by_name().get(run_name, []):
-        for point in (r.record.get("extra") or {}).get("capacity_sweep", []):
-            if point["k"] == k and point["batch_priority"] == bpr and math.isclose(point["capacity_factor"], cf):
-                out.append(float(point["accuracy"]))
+COLLAPSE_POINTS = 5.0  # "collapse": vanilla loses more than this many accuracy points when capacity is halved
+
+
+def _bpr_verdicts(sweep: pd.DataFrame, why: str) -> list[Verdict]:
+    """Part 2's checks, per softmax token-choice model: paired over seeds (each seed's model evaluated both ways).
+
+    * ``bpr_vs_vanilla_k*`` — at capacity factor 0.5 (the largest swept value <= 0.5), BPR is more accurate than
+      vanilla routing;
+    * ``vanilla_collapse_k*`` — vanilla routing loses more than :data:`COLLAPSE_POINTS` points between the largest
+      swept capacity factor and 0.5.
+    """
+    out: list[Verdict] = []
+    for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
+        sel = sweep[(sweep["run"] == run_name) & (sweep["eval k"] == k)]
+        low = [cf for cf in sorted(sel["capacity factor"].unique()) if cf <= 0.5 + 1e-9]
+        if not low:
+            continue
+        cf, top = max(low), float(sel["capacity factor"].max())
+        acc = sel.pivot_table(index="seed", columns=["priority", "capacity factor"], values="accuracy")
+        bpr, van = acc[("BPR", cf)].to_numpy(), acc[("vanilla", cf)].to_numpy()
+        van_top, bpr_top = acc[("vanilla", top)].to_numpy(), acc[("BPR", top)].to_numpy()
+        seeds = [int(x) for x in acc.index]
+        c = compare_paired(bpr, van)
+        out.append(Verdict(
+            claim_id=f"bpr_vs_vanilla_k{k}",
+            claim=f"With capacity cut to {cf:g} at inference, BPR is more accurate than vanilla routing ({run_name}, k={k})",
+            source="V-MoE (Riquelme et al., arXiv:2106.05974, Sec. 4)",
+            paper_evidence="BPR degrades gracefully as inference capacity drops; vanilla routing does not",
+            measurement=f"BPR vs vanilla at cf {cf:g}, test acc. {describe_comparison(c)} (paired over seeds)",
+            verdict=decide(c), why=why,
+            values={f"bpr@{cf:g}": bpr.tolist(), f"vanilla@{cf:g}": van.tolist(), "seeds": seeds},
+            statistics=c.__dict__,
+        ))
+        c = compare_paired(van_top, van, min_effect=COLLAPSE_POINTS / 100)
+        drop_bpr = (bpr_top - bpr).mean() * 100
+        out.append(Verdict(
+            claim_id=f"vanilla_collapse_k{k}",
+            claim=(f"Vanilla routing collapses below capacity 1: it loses more than {COLLAPSE_POINTS:g} points "
+                   f"from cf {top:g} to cf {cf:g} ({run_name}, k={k})"),
+            source="V-MoE (arXiv:2106.05974, Sec. 4)",
+            paper_evidence="vanilla routing collapses below C≈1",
+            measurement=(f"vanilla at cf {top:g} vs {cf:g}: {describe_comparison(c)} (paired); "
+                         f"BPR loses {drop_bpr:.2f} points over the same range"),
+            verdict=decide(c), why=why + "; at this scale dropped tokens still pass through the block on the residual",
+            values={f"vanilla@{top:g}": van_top.tolist(), f"vanilla@{cf:g}": van.tolist(), "seeds": seeds},
+            statistics=c.__dict__,
+        ))
     return out
 
 
@@ -453,65 +497,31 @@ def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
     for affinity in ("softmax", "sinkhorn"):
         ec, tc = f"{affinity}_ec", f"{affinity}_tc"
         if ec in groups and tc in groups:
-            c = compare(_values(results, ec), _values(results, tc))
-            out.append(Verdict(
-                claim_id=f"ec_vs_tc_{affinity}",
+            out.append(_welch_verdict(
+                results, f"ec_vs_tc_{affinity}", ec, tc, why,
                 claim=f"Expert choice beats token choice ({labels[affinity]} affinities, equal pairs)",
                 source="Routers study (Liu et al., arXiv:2401.15969)",
-                paper_evidence="among sparse routers, Expert Choice > Token Choice (JFT/ImageNet few-shot and fine-tuning)",
-                measurement=f"{ec} vs {tc}, test acc. {_fmt(c)}",
-                verdict=decide(c), why=why,
-                values={ec: _values(results, ec), tc: _values(results, tc)}, statistics=c.__dict__,
+                evidence="among sparse routers, Expert Choice > Token Choice (JFT/ImageNet few-shot and fine-tuning)",
             ))
     sparse = [n for n in ROUTER_RUNS if n != "soft" and n in groups]
     if "soft" in groups and sparse:
-        best = max(sparse, key=lambda n: np.mean(_values(results, n)))
-        c = compare(_values(results, "soft"), _values(results, best))
-        out.append(Verdict(
-            claim_id="soft_vs_sparse",
+        best = max(sparse, key=lambda n: np.mean(results.values(n)))
+        out.append(_welch_verdict(
+            results, "soft_vs_sparse", "soft", best, why,
             claim="Soft MoE beats every sparse router at fixed compute (tested against the best one)",
             source="Routers study (arXiv:2401.15969); Soft MoE (Puigcerver et al., arXiv:2308.00951)",
-            paper_evidence="Soft MoE is the best router in every setting of the study",
-            measurement=f"soft vs best sparse ({best}), test acc. {_fmt(c)}",
-            verdict=decide(c), why=why,
-            values={"soft": _values(results, "soft"), best: _values(results, best)}, statistics=c.__dict__,
+            evidence="Soft MoE is the best router in every setting of the study",
         ))
     if DENSE_RUN in groups and "softmax_tc" in groups:
-        c = compare(_values(results, "softmax_tc"), _values(results, DENSE_RUN))
-        out.append(Verdict(
-            claim_id="moe_vs_dense",
+        out.append(_welch_verdict(
+            results, "moe_vs_dense", "softmax_tc", DENSE_RUN, why,
             claim="A V-MoE (softmax token choice, k=1) beats the dense ViT of the same activated FLOPs",
             source="V-MoE (Riquelme et al., arXiv:2106.05974)",
-            paper_evidence="V-MoE beats its dense ViT at equal inference compute, when pre-trained on JFT-300M",
-            measurement=f"softmax_tc vs dense, test acc. {_fmt(c)}",
-            verdict=decide(c), why=why,
-            values={"softmax_tc": _values(results, "softmax_tc"), DENSE_RUN: _values(results, DENSE_RUN)},
-            statistics=c.__dict__,
+            evidence="V-MoE beats its dense ViT at equal inference compute, when pre-trained on JFT-300M",
         ))
     sweep = sweep_frame(results)
     if not sweep.empty:
-        for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
-            cfs = sorted(sweep.loc[(sweep["run"] == run_name) & (sweep["eval k"] == k), "capacity factor"].unique())
-            low = [cf for cf in cfs if cf <= 0.5 + 1e-9]
-            if not low:
-                continue
-            cf = max(low)
-            bpr, van = _sweep_values(results, run_name, k, True, cf), _sweep_values(results, run_name, k, False, cf)
-            full_bpr = _sweep_values(results, run_name, k, True, max(cfs))
-            full_van = _sweep_values(results, run_name, k, False, max(cfs))
-            c = compare(bpr, van)
-            out.append(Verdict(
-                claim_id=f"bpr_graceful_k{k}",
-                claim=f"At inference capacity factor {cf:g}, BPR keeps accuracy where vanilla routing collapses ({run_name}, k={k})",
-                source="V-MoE (arXiv:2106.05974, Sec. 4, Fig. 5-6)",
-                paper_evidence="with BPR accuracy degrades gracefully as capacity drops; vanilla routing collapses below C≈1",
-                measurement=(f"BPR vs vanilla at cf {cf:g}, test acc. {_fmt(c)}; "
-                             f"at cf {max(cfs):g}: BPR {np.mean(full_bpr) * 100:.2f}, vanilla {np.mean(full_van) * 100:.2f} %"),
-                verdict=decide(c), why=why,
-                values={f"bpr@{cf:g}": bpr, f"vanilla@{cf:g}": van, f"bpr@{max(cfs):g}": full_bpr,
-                        f"vanilla@{max(cfs):g}": full_van},
-                statistics=c.__dict__,
-            ))
+        out.extend(_bpr_verdicts(sweep, why))
     if write:
         write_verdicts(out, results_root() / results.preset / NAME / "verdicts.json")
     return out
@@ -520,21 +530,17 @@ def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
 # ----------------------------------------------------------------------------------- figures
 def plot_router_accuracy(results: ChapterResults):
     """Test accuracy per router (points: seeds; diamond: mean ± std), dense baseline as a band."""
-    import matplotlib.pyplot as plt
-
-    from ..plots import _color, style
-
     style()
     groups = results.by_name()
     names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
     fig, ax = plt.subplots(figsize=(7.2, 4))
     if DENSE_RUN in groups:
-        d = np.array(_values(results, DENSE_RUN)) * 100
+        d = np.array(results.values(DENSE_RUN)) * 100
         ax.axhspan(d.mean() - (d.std(ddof=1) if d.size > 1 else 0), d.mean() + (d.std(ddof=1) if d.size > 1 else 0),
                    color="0.85", zorder=0)
         ax.axhline(d.mean(), color="0.4", ls="--", lw=1, label=f"dense ViT, same activated FLOPs ({d.mean():.2f}%)")
     for i, name in enumerate(names):
-        ys = np.array(_values(results, name)) * 100
+        ys = np.array(results.values(name)) * 100
         jitter = np.linspace(-0.08, 0.08, ys.size) if ys.size > 1 else np.zeros(1)
         ax.scatter(i + jitter, ys, color=_color(i), alpha=0.6, s=22)
         ax.errorbar(i + 0.24, ys.mean(), yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="D", color=_color(i), capsize=4)
@@ -548,10 +554,6 @@ def plot_router_accuracy(results: ChapterResults):
 
 def plot_accuracy_vs_time(results: ChapterResults):
     """Test accuracy against measured training time on this machine (each point a seed)."""
-    import matplotlib.pyplot as plt
-
-    from ..plots import _color, style
-
     style()
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     for i, (name, runs) in enumerate(results.by_name().items()):
@@ -571,10 +573,6 @@ def plot_accuracy_vs_time(results: ChapterResults):
 
 def plot_load_balance(results: ChapterResults):
     """Per router and MoE layer: sorted expert load shares, dropped tokens, experts per token."""
-    import matplotlib.pyplot as plt
-
-    from ..plots import _color, style
-
     style()
     groups = {n: runs for n, runs in results.by_name().items() if _routing_of(runs[0])}
     names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
@@ -615,10 +613,6 @@ def plot_load_balance(results: ChapterResults):
 
 def plot_capacity_sweep(results: ChapterResults):
     """V-MoE's figure: test accuracy vs inference capacity factor, vanilla (dashed) vs BPR (solid)."""
-    import matplotlib.pyplot as plt
-
-    from ..plots import _color, style
-
     style()
     df = sweep_frame(results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
@@ -645,12 +639,8 @@ def plot_capacity_sweep(results: ChapterResults):
 
 
 def plot_dropped_patches(results: ChapterResults, run_name: str = "softmax_tc", seed: int | None = None, layer: int = -1,
-                         images: int = 6):
+                         images: int = 8):
     """Which patches vanilla routing and BPR drop at low capacity (red: processed by no expert)."""
-    import matplotlib.pyplot as plt
-
-    from ..plots import style
-
     style()
     runs = results.by_name()[run_name]
     r = next((x for x in runs if seed is None or x.seed == seed), runs[0])
@@ -669,8 +659,10 @@ def plot_dropped_patches(results: ChapterResults, run_name: str = "softmax_tc", 
             ax = axes[row, col]
             ax.imshow(pics[col], cmap="gray", vmin=0, vmax=255)
             dropped = (patches[col] == 0).reshape(grid, grid).astype(float)
-            overlay = np.kron(dropped, np.ones((side // grid, side // grid)))
-            ax.imshow(np.ma.masked_where(overlay == 0, overlay), cmap="autumn", alpha=0.55, vmin=0, vmax=1)
+            overlay = np.zeros((side, side, 4))
+            overlay[..., 0] = 1.0  # red, opaque where the patch was dropped
+            overlay[..., 3] = 0.5 * np.kron(dropped, np.ones((side // grid, side // grid)))
+            ax.imshow(overlay)
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
@@ -680,3 +672,50 @@ def plot_dropped_patches(results: ChapterResults, run_name: str = "softmax_tc", 
     fig.suptitle(f"Patches dropped in MoE layer {layer_name} ({run_name}, seed {r.seed}; red: no expert)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------- findings
+def findings(results: ChapterResults) -> str:
+    """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
+    groups = results.by_name()
+    lines: list[str] = []
+    sparse_and_soft = [n for n in ROUTER_RUNS if n in groups]
+    if sparse_and_soft:
+        ranked = sorted(sparse_and_soft, key=lambda n: -np.mean(results.values(n)))
+        ranking = " > ".join(f"{n} ({_pm(results.values(n))})" for n in ranked)
+        lines.append(f"**Ranking at equal pairs** (test accuracy %, mean ± std over seeds): {ranking}.")
+        spread = np.mean(results.values(ranked[0])) - np.mean(results.values(ranked[-1]))
+        stds = [np.std(results.values(n), ddof=1) for n in ranked if len(groups[n]) > 1]
+        if stds:
+            lines.append(f"Best and worst router are {spread * 100:.2f} points apart; the typical seed std is "
+                         f"{np.mean(stds) * 100:.2f} points.")
+    if DENSE_RUN in groups:
+        lines.append(f"**Dense ViT** at the same activated FLOPs: {_pm(results.values(DENSE_RUN))} %.")
+    if "softmax_tc" in groups:
+        base = np.mean([_train_seconds(r) for r in groups["softmax_tc"]])
+        times = {n: np.mean([_train_seconds(r) for r in groups[n]]) / base for n in groups}
+        slow = ", ".join(f"{n} {t:.2f}x" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+        lines.append(f"**Training time relative to softmax token choice** (this machine): {slow}.")
+    dropped = {}
+    for n in sparse_and_soft:
+        st = [_routing_of(r) for r in groups[n]]
+        if st and st[0]:
+            dropped[n] = np.mean([np.mean([s["dropped_fraction"] for s in x.values()]) for x in st])
+    if dropped:
+        lines.append("**Tokens no expert processed** (test set, mean over MoE layers and seeds): "
+                     + ", ".join(f"{n} {v * 100:.1f}%" for n, v in dropped.items()) + ".")
+    sweep = sweep_frame(results)
+    if not sweep.empty:
+        for run_name, k in (("softmax_tc", 1), (K2_RUN, 2), (K2_RUN, 1)):
+            sel = sweep[(sweep["run"] == run_name) & (sweep["eval k"] == k)]
+            if sel.empty:
+                continue
+            mean = sel.groupby(["priority", "capacity factor"])["accuracy"].mean().unstack("priority") * 100
+            dropped = sel.groupby("capacity factor")["dropped"].mean() * 100
+            lo, hi = mean.index.min(), mean.index.max()
+            lines.append(
+                f"**{run_name}, evaluated with k={k}:** at capacity factor {lo:g} ({dropped[lo]:.0f}% of tokens reach no "
+                f"expert) vanilla {mean.loc[lo, 'vanilla']:.1f}% vs BPR {mean.loc[lo, 'BPR']:.1f}%; at {hi:g} "
+                f"({dropped[hi]:.1f}% dropped) vanilla {mean.loc[hi, 'vanilla']:.1f}% vs BPR {mean.loc[hi, 'BPR']:.1f}%."
+            )
+    return "\n".join(f"* {line}" for line in lines)
