@@ -191,3 +191,46 @@ def test_verdicts_follow_the_numbers(cpu_results, tmp_path, monkeypatch):
     runs = [*fake("softmax_ec", [0.80, 0.81, 0.80]), *fake("softmax_tc", [0.90, 0.91, 0.92])]
     worse = {v.claim_id: v.verdict for v in chapter.verdicts(ChapterResults("routers_bpr", "cpu", runs), write=False)}
     assert worse["ec_vs_tc_softmax"] == "not reproduced"
+
+
+def test_a_run_killed_in_the_probe_resumes_without_retraining(tmp_path, monkeypatch):
+    """Training finished, then the probe died: the rerun reloads the final checkpoint and only probes again."""
+    from helpers_foundation import write_fashion_mnist
+    from vmoe_lib import train as vtrain
+    from vmoe_lib.results import load_or_run
+    from vmoe_lib.train import TrainConfig
+
+    write_fashion_mnist(tmp_path / "fm", n_train=300, n_test=60)
+    monkeypatch.setenv("VMOE_DATA_DIR", str(tmp_path / "fm"))
+    monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("VMOE_REQUIRE_RESULTS", raising=False)
+    monkeypatch.setattr(vtrain, "_DATA_CACHE", {})
+    config = TrainConfig(
+        model="vmoe_vit_test_patch7_28", val_size=100, train_subset=64, eval_subset=50, epochs=2, batch_size=64,
+        eval_batch_size=100,
+        model_kwargs={"router": "softmax_token_choice", "k": 1, "num_experts": 4, "group_size": 8,
+                      "capacity_factor": 1.0, "eval_capacity_factor": 1.0, "router_options": {"capacity_multiple": 1}},
+    )
+    probe = chapter.RoutingProbe(capacity_factors=(0.5, 1.0), probe_images=16)
+    steps = []
+    original_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+
+    def dying_probe(model, data, device):
+        raise KeyboardInterrupt("killed during the probe")
+
+    with pytest.raises(KeyboardInterrupt):
+        load_or_run("toy", "smoke", {"tc": config}, [0], extra_eval=dying_probe, hash_extra={"probe": probe.settings()},
+                    progress=False)
+    trained_steps = len(steps)
+    assert trained_steps == 2  # one step per epoch
+    [result] = load_or_run("toy", "smoke", {"tc": config}, [0], extra_eval=probe, hash_extra={"probe": probe.settings()},
+                           progress=False)
+    assert len(steps) == trained_steps  # no step taken again
+    assert len(result.history) == 2 and len(result.record["extra"]["capacity_sweep"]) == 2 * 2
