@@ -220,10 +220,12 @@ def test_compare_paired_hand_worked():
 def test_paired_test_sees_a_consistent_gain_that_welch_cannot():
     from vmoe_lib.analysis import compare_paired
 
-    models = [0.80, 0.85, 0.90]  # seeds differ a lot, but each seed's model gains 1 point
-    improved = [m + 0.01 for m in models]
+    models = [0.80, 0.85, 0.90]  # seeds differ a lot, but each seed's model gains about 1 point
+    improved = [m + g for m, g in zip(models, (0.010, 0.012, 0.009))]
     assert decide(compare(improved, models)) == "inconclusive"
-    assert decide(compare_paired(improved, models)) == "reproduced"
+    paired = compare_paired(improved, models)
+    assert 0 < paired.p_value < 0.01 and paired.ci_low > 0  # a real t-test (non-zero spread of the gains)
+    assert decide(paired) == "reproduced"
     assert decide(compare_paired(models, improved)) == "not reproduced"
     with pytest.raises(ValueError, match="equally long"):
         compare_paired([1.0, 2.0], [1.0])

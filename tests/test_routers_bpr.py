@@ -64,15 +64,15 @@ def test_k2_run_and_dense_run_are_what_the_chapter_says():
     assert len(recipes) == 1
 
 
-def _token_choice_model(k: int = 1) -> torch.nn.Module:
+def _token_choice_model(k: int = 1, capacity_multiple: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)
     return vl.create_model("vmoe_vit_pico_patch7_28", num_classes=10, in_chans=1, router="softmax_token_choice",
                            k=k, capacity_factor=1.0, eval_capacity_factor=1.0, group_size=8,
-                           router_options={"capacity_multiple": 1})
+                           router_options={"capacity_multiple": capacity_multiple})
 
 
 def test_probe_sweeps_capacity_and_restores_the_routing():
-    model = _token_choice_model(k=2)
+    model = _token_choice_model(k=2, capacity_multiple=4)  # the probe itself routes with capacity_multiple=1
     probe = chapter.RoutingProbe(capacity_factors=(0.1, 0.5, 8.0), mask_capacity_factors=(0.25,))
     out = probe(model, _dataset(), torch.device("cpu"))
     assert set(out) == {"probe", "routing", "capacity_sweep", "dropped_patches"}
@@ -88,7 +88,7 @@ def test_probe_sweeps_capacity_and_restores_the_routing():
         assert big[0] == big[1]
     # The model's own routing is back to what it was trained with.
     router = moe_layers(model)[0][1].router
-    assert (router.k, router.eval_capacity_factor, router.batch_priority, router.capacity_multiple) == (2, 1.0, False, 1)
+    assert (router.k, router.eval_capacity_factor, router.batch_priority, router.capacity_multiple) == (2, 1.0, False, 4)
     assert all(layer.last_routing is None and not layer.keep_routing for _, layer in moe_layers(model))
 
 
@@ -234,3 +234,34 @@ def test_a_run_killed_in_the_probe_resumes_without_retraining(tmp_path, monkeypa
                            progress=False)
     assert len(steps) == trained_steps  # no step taken again
     assert len(result.history) == 2 and len(result.record["extra"]["capacity_sweep"]) == 2 * 2
+
+
+def test_analysis_copes_with_one_seed_missing_runs_and_rgb_images(cpu_results, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path))
+    one_seed = ChapterResults("routers_bpr", "cpu", [r for r in cpu_results.results if r.seed == 0])
+    assert all(v.verdict == "inconclusive" for v in chapter.verdicts(one_seed, write=False)
+               if not v.claim_id.startswith(("bpr", "vanilla")))  # no spread: nothing can be decided
+    assert "Ranking" in chapter.findings(one_seed) and not chapter.router_table(one_seed).empty
+    for plot in (chapter.plot_router_accuracy, chapter.plot_accuracy_vs_time, chapter.plot_load_balance,
+                 chapter.plot_capacity_sweep, chapter.plot_dropped_patches):
+        matplotlib.pyplot.close(plot(one_seed))
+    no_tc = ChapterResults("routers_bpr", "cpu", [r for r in cpu_results.results if not r.name.startswith("softmax_tc")])
+    assert chapter.capacity_table(no_tc).empty
+    matplotlib.pyplot.close(chapter.plot_capacity_sweep(no_tc))
+    with pytest.raises(ValueError, match="run_name='softmax_tc' has no stored dropped-patch maps"):
+        chapter.plot_dropped_patches(no_tc)
+    # A CIFAR-like record: 8 RGB 32x32 images, 64 patches + a class token.
+    base = next(r for r in cpu_results.results if r.name == "softmax_tc")
+    rng = np.random.default_rng(0)
+    info = {"images": rng.integers(0, 256, (8, 3, 32, 32)).tolist(), "labels": list(range(8)),
+            "class_names": [f"c{i}" for i in range(10)],
+            "masks": [{"capacity_factor": 0.5, "batch_priority": bpr, "k": 1,
+                       "experts_per_token": {"blocks.7.mlp": rng.integers(0, 2, (8, 65)).tolist()}} for bpr in (False, True)]}
+    record = {**base.record, "extra": {**base.record["extra"], "dropped_patches": info}}
+    rgb = ChapterResults("routers_bpr", "gpu", [type(base)(**{**base.__dict__, "record": record})])
+    fig = chapter.plot_dropped_patches(rgb)
+    assert len(fig.axes) == 2 * 8
+    matplotlib.pyplot.close(fig)
