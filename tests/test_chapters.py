@@ -59,3 +59,23 @@ def test_overrides_go_to_a_separate_folder(tmp_path, monkeypatch):
 
     assert results_preset("cpu", {"epochs": 1}) == "custom"
     assert results_preset("cpu", {}) == "cpu"
+
+
+@pytest.mark.parametrize("name", CHAPTER_NAMES)
+def test_committed_verdicts_match_the_results(name, monkeypatch, tmp_path):
+    """``results/cpu/<chapter>/verdicts.json`` is what the chapter computes now from the committed runs."""
+    import json
+
+    from vmoe_lib.results import results_root
+
+    chapter = get_chapter(name)
+    monkeypatch.setenv("VMOE_REQUIRE_RESULTS", "1")
+    committed = results_root() / "cpu" / name / "verdicts.json"
+    assert committed.exists(), f"{committed} is missing: run python -m vmoe_lib run {name} --preset cpu"
+    results = chapter.run("cpu", progress=False)
+    monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path))
+    chapter.verdicts(results)
+    fresh = json.loads((tmp_path / "cpu" / name / "verdicts.json").read_text())
+    assert json.loads(committed.read_text()) == fresh, (
+        f"{committed} is stale: rerun python -m vmoe_lib run {name} --preset cpu (it reuses the stored runs)"
+    )
