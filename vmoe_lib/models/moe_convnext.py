@@ -21,12 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch.nn as nn
 from timm.models import register_model
 
 from .dense import DENSE_CONVNEXT_SIZES
-from .moe_utils import mark_moe_model, moe_model_config, replace_mlps, split_moe_kwargs
+from .moe_utils import mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
 from .placement import describe_layers, resolve_stage_moe_layers
 
 __all__ = ["MOE_CONVNEXT_BASES", "moe_convnext_from_dense", "moe_convnext_model_names"]
@@ -63,23 +62,8 @@ def moe_convnext_from_dense(dense: nn.Module, *, name: str = "", dense_name: str
     return dense
 
 
-def _factory(base: str):
-    name = f"vmoe_{base}"
-
-    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if pretrained:
-            raise ValueError(f"pretrained=True: no pretrained MoE weights exist for {name}; see upcycle_from_dense")
-        moe, model_kwargs = split_moe_kwargs(kwargs)
-        if base in DENSE_CONVNEXT_SIZES:
-            model_kwargs.pop("img_size", None)  # size-agnostic; accepted for a uniform API
-        dense = timm.create_model(base, pretrained=False, **model_kwargs)
-        return moe_convnext_from_dense(dense, name=name, dense_name=base, model_kwargs=model_kwargs, **moe)
-
-    create.__name__ = name
-    create.__qualname__ = name
-    create.__doc__ = f"MoE ConvNeXt built from timm's ``{base}`` by replacing block MLPs (see vmoe_lib.models.moe_convnext)."
-    return create
-
-
 for _base in MOE_CONVNEXT_BASES:
-    register_model(_factory(_base))
+    register_model(moe_factory(
+        _base, moe_convnext_from_dense, family="ConvNeXt", module=__name__,
+        ignore=("img_size",) if _base in DENSE_CONVNEXT_SIZES else (),  # size-agnostic; accepted for a uniform API
+    ))

@@ -17,7 +17,7 @@ import copy
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "upcycle_from_dense",
     "save_moe_model",
     "load_moe_model",
+    "moe_factory",
 ]
 
 # MoE model keyword arguments and their defaults (the rest goes to the timm model).
@@ -168,6 +169,40 @@ def mark_moe_model(model: nn.Module, config: dict[str, Any]) -> None:
     model.moe_config = config
     shown = {key: config[key] for key in ("model", "moe_layers_resolved", "num_experts", "router", "k") if key in config}
     model.extra_repr = functools.partial(_fixed_repr, "moe: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def moe_factory(
+    base: str,
+    from_dense: Callable[..., nn.Module],
+    *,
+    family: str,
+    module: str,
+    defaults: dict[str, Any] | None = None,
+    ignore: Sequence[str] = (),
+) -> Callable[..., nn.Module]:
+    """A timm model function ``vmoe_<base>``: build timm's dense ``base``, then ``from_dense`` swaps in MoE layers.
+
+    ``defaults`` are MoE keyword defaults for this base (e.g. its placement); keyword arguments named
+    in ``ignore`` are accepted and dropped (a uniform API across families). The function's
+    ``__module__`` is ``module``, so timm files the model under the family's module.
+    """
+    import timm  # noqa: PLC0415 (timm is only needed when a model is built)
+
+    name = f"vmoe_{base}"
+
+    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if pretrained:
+            raise ValueError(f"pretrained=True: no pretrained MoE weights exist for {name}; see upcycle_from_dense")
+        moe, model_kwargs = split_moe_kwargs(kwargs, defaults)
+        for key in ignore:
+            model_kwargs.pop(key, None)
+        dense = timm.create_model(base, pretrained=False, **model_kwargs)
+        return from_dense(dense, name=name, dense_name=base, model_kwargs=model_kwargs, **moe)
+
+    create.__name__ = create.__qualname__ = name
+    create.__module__ = module
+    create.__doc__ = f"MoE {family} built from timm's ``{base}`` by replacing block MLPs (see {module})."
+    return create
 
 
 # ---------------------------------------------------------------------------- routing settings

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch.nn as nn
 from timm.models import register_model
 
 from .dense import DENSE_VIT_SIZES
-from .moe_utils import mark_moe_model, moe_model_config, replace_mlps, split_moe_kwargs
+from .moe_utils import mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
 from .placement import describe_layers, resolve_moe_layers
 
 __all__ = ["MOE_VIT_BASES", "moe_vit_from_dense", "moe_vit_model_names"]
@@ -64,22 +63,9 @@ def moe_vit_from_dense(dense: nn.Module, *, name: str = "", dense_name: str = ""
     return dense
 
 
-def _factory(base: str):
-    name = f"vmoe_{base}"
-
-    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if pretrained:
-            raise ValueError(f"pretrained=True: no pretrained MoE weights exist for {name}; see upcycle_from_dense")
-        depth = DENSE_VIT_SIZES.get(base, {}).get("depth", 12)
-        moe, model_kwargs = split_moe_kwargs(kwargs, {"moe_layers": "last-2" if depth >= 4 else "last-1"})
-        dense = timm.create_model(base, pretrained=False, **model_kwargs)
-        return moe_vit_from_dense(dense, name=name, dense_name=base, model_kwargs=model_kwargs, **moe)
-
-    create.__name__ = name
-    create.__qualname__ = name
-    create.__doc__ = f"MoE ViT built from timm's ``{base}`` by replacing block MLPs (see vmoe_lib.models.moe_vit)."
-    return create
-
-
 for _base in MOE_VIT_BASES:
-    register_model(_factory(_base))
+    _depth = DENSE_VIT_SIZES.get(_base, {}).get("depth", 12)
+    register_model(moe_factory(
+        _base, moe_vit_from_dense, family="ViT", module=__name__,
+        defaults={"moe_layers": "last-2" if _depth >= 4 else "last-1"},
+    ))
