@@ -49,13 +49,13 @@ def hermetic(tmp_path, monkeypatch, data_dir):
 def trained(monkeypatch):
     """Wrap the real ``train_model`` seen by ``load_or_run``; the list records each (config, seed) trained."""
     calls = []
-    real = vresults.train_model
+    real = vtrain.train_model
 
     def counting(config, seed, **kwargs):
         calls.append((config, seed))
         return real(config, seed, **kwargs)
 
-    monkeypatch.setattr(vresults, "train_model", counting)
+    monkeypatch.setattr(vtrain, "train_model", counting)
     return calls
 
 

@@ -1,4 +1,9 @@
-"""Command line: ``python -m vmoe_lib run <chapter> --preset cpu`` regenerates a chapter's results."""
+"""Command line of the book's experiments.
+
+``python -m vmoe_lib run <chapter> --preset cpu [--workers N]`` regenerates a chapter's results;
+``python -m vmoe_lib verify <chapter> --preset cpu --sample N`` reruns recorded runs and compares;
+``python -m vmoe_lib list`` lists chapters and presets.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +13,123 @@ import sys
 import time
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .chapters import CHAPTERS, get_chapter
+def _slurm_options(args: argparse.Namespace) -> dict:
+    from .errors import ConfigError
 
-    parser = argparse.ArgumentParser(prog="python -m vmoe_lib", description=__doc__)
+    extra = {}
+    for item in args.slurm_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--slurm-option {item!r} is invalid; it must be key=value, e.g. --slurm-option account=myproj")
+        extra[key.strip()] = value.strip()
+    out = {"cluster": args.slurm_cluster, "options": extra, "wait": not args.no_wait}
+    for name in ("partition", "time", "gpus_per_job", "cpus_per_job", "folder"):
+        value = getattr(args, f"slurm_{name}" if name == "folder" else name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from .chapters import CHAPTERS
+
+    parser = argparse.ArgumentParser(prog="python -m vmoe_lib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train what is missing of a chapter's preset and store the results")
     run.add_argument("chapter", choices=sorted(CHAPTERS))
     run.add_argument("--preset", default="cpu")
     run.add_argument("--seeds", type=int, nargs="*", default=None, help="default: the preset's seeds")
     run.add_argument("--device", default="auto")
-    run.add_argument("--overrides", default=None, help='JSON dict of TrainConfig fields, e.g. \'{"epochs": 2}\'')
+    run.add_argument("--overrides", default=None,
+                     help='JSON dict of TrainConfig fields, e.g. \'{"epochs": 2}\'; nested dicts (model_kwargs) merge')
+    run.add_argument("--workers", default="1",
+                     help="parallel worker processes: an int or 'auto' (one per core with 1 thread each; one per GPU)")
+    run.add_argument("--executor", default="local", choices=["local", "inline", "slurm"],
+                     help="local: pinned worker processes here; inline: this process; slurm: a job array via submitit")
+    run.add_argument("--partition", default=None, help="slurm: the partition")
+    run.add_argument("--time", type=int, default=None, help="slurm: minutes per job (default 120)")
+    run.add_argument("--gpus-per-job", type=int, default=None, help="slurm: GPUs per job")
+    run.add_argument("--cpus-per-job", type=int, default=None, help="slurm: CPUs (and torch threads) per job (default 2)")
+    run.add_argument("--slurm-option", action="append", metavar="KEY=VALUE",
+                     help="slurm: any other sbatch option, e.g. account=myproj (repeatable)")
+    run.add_argument("--slurm-folder", default=None, help="slurm: where submitit keeps job logs (default .cache/vmoe/slurm)")
+    run.add_argument("--slurm-cluster", default="slurm", choices=["slurm", "local", "debug"],
+                     help="slurm: submitit's backend; local/debug run the jobs here without SLURM (tests)")
+    run.add_argument("--no-wait", action="store_true", help="slurm: submit and return; rerun the command to collect")
     run.add_argument("--no-progress", action="store_true")
+    verify = sub.add_parser("verify", help="rerun recorded runs with their recorded settings and compare bit for bit")
+    verify.add_argument("chapter", choices=sorted(CHAPTERS))
+    verify.add_argument("--preset", default="cpu")
+    verify.add_argument("--sample", type=int, default=1, help="how many recorded runs to rerun")
+    verify.add_argument("--seed", type=int, default=0, help="chooses which runs (reproducibly)")
     sub.add_parser("list", help="list chapters and their presets")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.command == "list":
-        for name, module in CHAPTERS.items():
-            for preset in module.PRESETS.values():
-                print(f"{name:24s} {preset.name:6s} {preset.expected_minutes:6.1f} min  {preset.hardware}: {preset.description}")
-        return 0
+
+def _run(args: argparse.Namespace) -> int:
+    from .chapters import get_chapter
+    from .errors import ConfigError
+    from .sweep import SweepError
+
     chapter = get_chapter(args.chapter)
     started = time.time()
-    overrides = json.loads(args.overrides) if args.overrides else None
-    results = chapter.run(args.preset, seeds=args.seeds, device=args.device, overrides=overrides, progress=not args.no_progress)
+    try:
+        overrides = json.loads(args.overrides) if args.overrides else None
+    except ValueError as err:
+        raise ConfigError(f"--overrides {args.overrides!r} is not valid JSON ({err}); e.g. --overrides '{{\"epochs\": 2}}'") from None
+    slurm = _slurm_options(args) if args.executor == "slurm" else None
+    try:
+        results = chapter.run(args.preset, seeds=args.seeds, device=args.device, overrides=overrides,
+                              progress=not args.no_progress, workers=args.workers, executor=args.executor, slurm=slurm)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if hasattr(chapter, "verdicts"):
         for v in chapter.verdicts(results):
             print(f"[{v.verdict}] {v.claim}: {v.measurement}")
+        print(f"verdicts written to {results.verdicts_path()}")
     print(f"{len(results.results)} runs of {args.chapter}/{results.preset} ready in {(time.time() - started) / 60:.1f} min")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_chapter
+
+    checks = verify_chapter(args.chapter, args.preset, sample=args.sample, seed=args.seed)
+    for check in checks:
+        where = f"{check.path.name} ({check.settings['threads']} thread(s), numerics {'pinned' if check.settings['pinned'] else 'not pinned'})"
+        if check.identical:
+            print(f"{where}: identical ({check.compared} recorded numbers)")
+        else:
+            print(f"{where}: {len(check.differences)} of {check.compared} recorded numbers differ")
+            for diff in check.differences[:12]:
+                print(f"    {diff.describe()}")
+            if len(check.differences) > 12:
+                print(f"    ... and {len(check.differences) - 12} more")
+    same = sum(c.identical for c in checks)
+    print(f"{same} of {len(checks)} rerun(s) identical")
+    return 0 if same == len(checks) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import ConfigError
+
+    args = _parse(argv)
+    try:
+        if args.command == "list":
+            from .chapters import CHAPTERS
+
+            for name, module in CHAPTERS.items():
+                for preset in module.PRESETS.values():
+                    print(f"{name:24s} {preset.name:6s} {preset.expected_minutes:6.1f} min  {preset.hardware}: {preset.description}")
+            return 0
+        if args.command == "verify":
+            return _verify(args)
+        return _run(args)
+    except ConfigError as err:  # a bad setting: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -170,35 +171,105 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _read_valid(path: Path, key: str, config: TrainConfig, seed: int) -> dict[str, Any] | None:
-    """The stored payload if ``path`` holds a complete result for exactly (config, seed); else ``None`` with a warning."""
+_NUMBER = (int, float)
+# Every field a stored record must have, with the types it must hold: a file failing any of these
+# is corrupt (reported and rerun), never used.
+_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "format_version": (int,), "chapter": (str,), "preset": (str,), "run": (str,), "seed": (int,),
+    "config_hash": (str,), "config": (dict,), "wall_time_s": _NUMBER, "hardware": (dict,), "versions": (dict,),
+}
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "history": (list,), "final": (dict,), "costs": (dict,), "extra": (dict,), "wall_time_s": _NUMBER, "device": (str,),
+}
+_EPOCH_FIELDS: dict[str, tuple[type, ...]] = {"epoch": (int,), "train_loss": _NUMBER, "train_accuracy": _NUMBER}
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def validate_payload(payload: Any, key: str, seed: int) -> list[str]:
+    """What is wrong with a stored result for (key, seed): missing fields, wrong types, wrong key. Empty when valid."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("manifest"), dict) or not isinstance(payload.get("record"), dict):
+        return ["not a {manifest, record} object"]
+    manifest, record = payload["manifest"], payload["record"]
+    problems = []
+    for part, spec, data in (("manifest", _MANIFEST_FIELDS, manifest), ("record", _RECORD_FIELDS, record)):
+        for name, types in spec.items():
+            if name not in data:
+                problems.append(f"{part}.{name} missing")
+            elif not _is(data[name], types):
+                problems.append(f"{part}.{name} is {type(data[name]).__name__}, not {'/'.join(t.__name__ for t in types)}")
+    if problems:
+        return problems
+    if manifest["format_version"] != FORMAT_VERSION:
+        problems.append(f"format_version {manifest['format_version']} != {FORMAT_VERSION}")
+    try:
+        if manifest["config_hash"] != key or config_hash(manifest["config"], manifest.get("hash_extra")) != key:
+            problems.append("stored config does not match its key")
+    except ConfigError as err:
+        problems.append(str(err))
+    if manifest["seed"] != seed:
+        problems.append(f"seed {manifest['seed']} != {seed}")
+    if not record["history"]:
+        problems.append("empty history")
+    for i, epoch in enumerate(record["history"]):
+        if not isinstance(epoch, dict):
+            problems.append(f"record.history[{i}] is {type(epoch).__name__}, not dict")
+            continue
+        for name, types in _EPOCH_FIELDS.items():
+            if not _is(epoch.get(name), types):
+                problems.append(f"record.history[{i}].{name} is missing or not a number")
+    for name, value in record["final"].items():
+        if not _is(value, _NUMBER) or not math.isfinite(value):
+            problems.append(f"record.final.{name}={value!r} is not a finite number")
+    if not any(k.endswith("accuracy") for k in record["final"]):
+        problems.append("record.final has no accuracy")
+    return problems
+
+
+def read_valid_result(path: Path, key: str, seed: int, *, quiet: bool = False) -> dict[str, Any] | None:
+    """The stored payload if ``path`` holds a complete result for exactly (key, seed); else ``None``.
+
+    A file that is unreadable, truncated, misses a field or holds a value of the wrong type is
+    reported (unless ``quiet``) and treated as missing, so its run is trained again.
+    """
     if not path.exists():
         return None
     try:
         payload = json.loads(path.read_text())
-        manifest = payload["manifest"]
-        problems = []
-        if manifest.get("format_version") != FORMAT_VERSION:
-            problems.append(f"format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
-        if manifest.get("config_hash") != key or config_hash(manifest["config"], manifest.get("hash_extra")) != key:
-            problems.append("stored config does not match its key")
-        if manifest.get("seed") != seed:
-            problems.append(f"seed {manifest.get('seed')} != {seed}")
-        if not payload["record"]["history"]:
-            problems.append("empty history")
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        problems = validate_payload(payload, key, seed)
+    except (OSError, ValueError) as err:
         problems = [f"unreadable ({type(err).__name__}: {err})"]
     if problems:
-        warnings.warn(f"ignoring result file {path}: {'; '.join(problems)}", stacklevel=3)
+        if not quiet:
+            warnings.warn(f"ignoring corrupt result file {path}: {'; '.join(problems)}; its run is trained again", stacklevel=3)
         return None
     return payload
 
 
-def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def build_manifest(task: Any, record: Mapping[str, Any], *, session_seconds: float) -> dict[str, Any]:
+    """The manifest stored beside a run's record: what ran, where, with which code and numerics."""
+    from .numerics import cpu_info, numerics_settings
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "chapter": task.chapter,
+        "preset": task.preset,
+        "run": task.name,
+        "seed": task.seed,
+        "config_hash": task.key,
+        "config": task.config.to_dict(),
+        "hash_extra": dict(task.hash_extra) if task.hash_extra else None,
+        "wall_time_s": record["wall_time_s"],
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "session_seconds": session_seconds,
+        "hardware": {**_hardware(record["device"]), "cpu": cpu_info()},
+        "numerics": numerics_settings(),
+        "versions": _versions(),
+        "git_sha": task.git_sha,
+        "regenerate": task.regenerate,
+    }
 
 
 def require_mode() -> bool:
@@ -218,6 +289,9 @@ def load_or_run(
     hash_extra: Mapping[str, Any] | None = None,
     keep_weights: bool = False,
     require: bool | None = None,
+    executor: str = "inline",
+    workers: int | str = 1,
+    slurm: Mapping[str, Any] | None = None,
 ) -> list[RunResult]:
     """Results of every (run, seed) of a sweep: read from disk when present, trained otherwise.
 
@@ -233,10 +307,19 @@ def load_or_run(
         keep_weights: save final weights to ``.cache/vmoe/weights`` (git-ignored).
         require: never train; raise :class:`MissingResultError` for a missing or
             stale result. Defaults to ``$VMOE_REQUIRE_RESULTS``.
+        executor: how missing runs train (:mod:`vmoe_lib.sweep`): ``inline`` (this process, the
+            default here), ``local`` (pinned worker processes; what chapters use) or ``slurm``.
+        workers: the ``local`` executor's worker count, or ``"auto"``.
+        slurm: the ``slurm`` executor's options (see :func:`vmoe_lib.sweep.run_tasks`).
+
+    Raises:
+        SweepError: after every other run is stored, naming the runs that failed or diverged.
 
     Returns:
         One :class:`RunResult` per (run, seed), in sweep order.
     """
+    from .sweep import RunTask, check_storage, run_tasks, summarize_failures, SweepError
+
     if not runs:
         raise ConfigError("runs is empty; a sweep needs at least one config")
     if not seeds:
@@ -248,7 +331,7 @@ def load_or_run(
         key = config_hash(config, hash_extra)
         for seed in seeds:
             path = folder / f"{name}__{key}__s{seed}.json"
-            payload = _read_valid(path, key, config, seed)
+            payload = read_valid_result(path, key, seed)
             if payload is not None:
                 results[(name, seed)] = RunResult(name, seed, config, payload["record"], payload["manifest"], path)
             else:
@@ -259,34 +342,31 @@ def load_or_run(
             f"{len(todo)} result(s) of chapter {chapter!r}, preset {preset!r} are missing or stale:\n  {missing}\n"
             f"Regenerate them with:  {regenerate_command(chapter, preset)}"
         )
-    git_sha = _git_sha() if todo else None  # the code that trains, read before any run starts
-    for i, (name, seed, config, key, path) in enumerate(todo):
-        print(f"[{i + 1}/{len(todo)}] training {name} seed {seed} ({chapter}/{preset})", flush=True)
-        ckpt = cache_root() / "checkpoints" / preset / chapter / f"{name}__{key}__s{seed}.pt"
-        weights = cache_root() / "weights" / preset / chapter / f"{name}__{key}__s{seed}.safetensors"
-        started = time.time()
-        record = train_model(
-            config, seed, device=device, checkpoint_path=ckpt, progress=progress, extra_eval=extra_eval,
-            weights_path=weights if keep_weights else None,
-        )
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "chapter": chapter,
-            "preset": preset,
-            "run": name,
-            "seed": seed,
-            "config_hash": key,
-            "config": config.to_dict(),
-            "hash_extra": dict(hash_extra) if hash_extra else None,
-            "wall_time_s": record["wall_time_s"],
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "session_seconds": time.time() - started,
-            "hardware": _hardware(record["device"]),
-            "versions": _versions(),
-            "git_sha": git_sha,
-            "regenerate": regenerate_command(chapter, preset),
-        }
-        _write_atomic(path, {"manifest": manifest, "record": record})
-        ckpt.unlink(missing_ok=True)
-        results[(name, seed)] = RunResult(name, seed, config, record, manifest, path)
+    if todo:
+        n_concurrent = 1 if executor == "inline" else len(todo)
+        check_storage(folder, cache_root(), [t[2] for t in todo], n_concurrent)
+        git_sha = _git_sha()  # the code that trains, read before any run starts
+        tasks = [
+            RunTask(chapter, preset, name, seed, config, key, path, cache_root(), hash_extra=hash_extra,
+                    extra_eval=extra_eval, device=device, keep_weights=keep_weights, git_sha=git_sha,
+                    regenerate=regenerate_command(chapter, preset))
+            for name, seed, config, key, path in todo
+        ]
+        outcomes = run_tasks(tasks, executor=executor, workers=workers, device=device, progress=progress,
+                             slurm=slurm)
+        for task, outcome in zip(tasks, outcomes):
+            if not outcome.ok:
+                continue
+            payload = read_valid_result(task.path, task.key, task.seed)
+            if payload is None:
+                outcome.status, outcome.error = "failed", "its result file is missing or corrupt after training"
+                continue
+            results[(task.name, task.seed)] = RunResult(task.name, task.seed, task.config, payload["record"],
+                                                         payload["manifest"], task.path)
+        if any(o.status == "submitted" for o in outcomes):
+            raise SweepError(f"{len(outcomes)} run(s) submitted; run the same command again when the jobs are done "
+                             "to collect their results", [])
+        failed = summarize_failures(outcomes)
+        if failed:
+            raise SweepError(failed, [o for o in outcomes if not o.ok])
     return [results[(name, seed)] for name in runs for seed in seeds]

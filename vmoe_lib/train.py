@@ -18,6 +18,8 @@ import json
 import math
 import os
 import time
+import uuid
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -35,7 +37,11 @@ from .errors import ConfigError, check_choice, check_positive, check_range
 from .layers.aux import collect_aux_loss
 from .models import create_model, list_models
 
-__all__ = ["TrainConfig", "train_model", "evaluate", "resolve_device", "load_data_for"]
+__all__ = ["TrainConfig", "TrainingDiverged", "train_model", "evaluate", "resolve_device", "load_data_for"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run is stopped and never stored as a result."""
 
 _OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -201,9 +207,33 @@ def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+    # A temporary name of this process's own: a kill during the write leaves the previous
+    # checkpoint intact, and two processes never write into each other's temporary file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng_cpu", "state", "config", "seed")
+
+
+def _load_checkpoint(path: Path, dev: torch.device) -> dict[str, Any] | None:
+    """A checkpoint's contents, or ``None`` after moving a corrupt or truncated one aside (with a warning)."""
+    try:
+        saved = torch.load(path, map_location=dev, weights_only=False)
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
+        if missing:
+            raise ValueError(f"missing {missing}")
+        return saved
+    except Exception as err:  # truncated zip, unpickling error, wrong contents: never resume from it
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        warnings.warn(f"checkpoint {path} is corrupt ({type(err).__name__}: {err}); moved aside to {aside.name}, "
+                      "the run restarts from scratch", stacklevel=3)
+        return None
 
 
 def train_model(
@@ -216,6 +246,7 @@ def train_model(
     progress: bool = True,
     extra_eval: Callable[[nn.Module, ImageDataset, torch.device], dict[str, Any]] | None = None,
     weights_path: str | os.PathLike | None = None,
+    run_label: str | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` with ``seed``; return its record (history, final metrics, costs).
 
@@ -229,6 +260,11 @@ def train_model(
         extra_eval: called with ``(model, data, device)`` after training; its dict is
             stored under ``"extra"`` (e.g. inference-time routing sweeps).
         weights_path: if given, the final weights are saved there (safetensors).
+        run_label: how errors name the run (default: model and seed).
+
+    Raises:
+        TrainingDiverged: the loss became non-finite; the message names the run, the step and the
+            last finite loss. No parameter update is made from the non-finite loss.
 
     Returns:
         A dict with ``history`` (per-epoch metrics), ``final`` (last epoch's losses and
@@ -269,8 +305,8 @@ def train_model(
 
     state = {"epoch": 0, "step": 0, "history": [], "accum": [0.0, 0.0, 0, 0, 0.0], "wall_time_s": 0.0}
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    if ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, map_location=dev, weights_only=False)
+    saved = _load_checkpoint(ckpt, dev) if ckpt is not None and ckpt.exists() else None
+    if saved is not None:
         if saved.get("seed") != seed or saved.get("config") != config.to_dict():
             raise ConfigError(
                 f"checkpoint_path={str(ckpt)!r} belongs to another run (seed {saved.get('seed')}, a different "
@@ -305,6 +341,7 @@ def train_model(
         )
 
     model.train()
+    last_finite: float | None = None
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         started = time.perf_counter()
@@ -318,6 +355,16 @@ def train_model(
                 task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
                 aux = collect_aux_loss(model)
                 loss = task_loss if aux is None else task_loss + aux
+            task_value = task_loss.item()
+            aux_value = aux.item() if aux is not None else 0.0
+            if not math.isfinite(task_value + aux_value):
+                raise TrainingDiverged(
+                    f"training diverged: run {run_label or f'{config.model} seed {seed}'} got a non-finite loss "
+                    f"(task {task_value}, aux {aux_value}) at step {epoch * steps_per_epoch + state['step'] + 1} "
+                    f"(epoch {epoch + 1}, step {state['step'] + 1} of {steps_per_epoch}); last finite loss: "
+                    f"{last_finite if last_finite is not None else 'none (the first step)'}"
+                )
+            last_finite = task_value + aux_value
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
@@ -327,8 +374,8 @@ def train_model(
             scaler.update()
             scheduler.step()
             acc = state["accum"]
-            acc[0] += task_loss.item() * labels.numel()
-            acc[1] += (aux.item() if aux is not None else 0.0) * labels.numel()
+            acc[0] += task_value * labels.numel()
+            acc[1] += aux_value * labels.numel()
             acc[2] += (logits.argmax(dim=-1) == labels).sum().item()
             acc[3] += labels.numel()
             state["step"] += 1

@@ -25,7 +25,6 @@ import pandas as pd
 from scipy import stats
 
 from ..analysis import Verdict, compare, decide, describe_comparison, summary_table, write_verdicts
-from ..results import results_root
 from ..train import TrainConfig
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
 from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
@@ -80,9 +79,19 @@ def run(
     device: str = "auto",
     overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
+    **sweep: Any,
 ) -> ChapterResults:
-    """Load the preset's results, training whatever is missing (unless results are required)."""
-    return run_sweep(NAME, PRESETS, experiment, preset, seeds=seeds, device=device, overrides=overrides, progress=progress)
+    """Load the preset's results, training whatever is missing (unless results are required).
+
+    ``sweep`` holds :func:`~vmoe_lib.chapters.base.run_sweep`'s ``workers``, ``executor`` and ``slurm``.
+    """
+    return run_sweep(NAME, PRESETS, experiment, preset, seeds=seeds, device=device, overrides=overrides,
+                     progress=progress, **run_options(preset), **sweep)
+
+
+def run_options(preset: str) -> dict[str, Any]:
+    """What a run of this chapter needs beyond its config (none here; see ``routers_bpr.run_options``)."""
+    return {}
 
 
 def preset_table() -> pd.DataFrame:
@@ -175,6 +184,6 @@ def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
             statistics={"pooled_std": pooled, "detectable_difference": detectable, "seeds": n},
         ))
     if write:
-        write_verdicts(out, results_root() / results.preset / NAME / "verdicts.json")
+        write_verdicts(out, results.verdicts_path())
     return out
 

@@ -46,7 +46,6 @@ from ..data import BatchLoader, ImageDataset
 from ..layers.stats import moe_layers, record_routing
 from ..models.moe_utils import set_routing
 from ..plots import _color, style
-from ..results import results_root
 from ..train import TrainConfig, _autocast
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
 from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
@@ -284,14 +283,21 @@ def run(
     device: str = "auto",
     overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
+    **sweep: Any,
 ) -> ChapterResults:
     """Load the preset's results, training whatever is missing (unless results are required).
 
     Every trained run is measured by the preset's :class:`RoutingProbe`, whose settings enter the results key.
+    ``sweep`` holds :func:`~vmoe_lib.chapters.base.run_sweep`'s ``workers``, ``executor`` and ``slurm``.
     """
-    probe = probe_for(preset)
     return run_sweep(NAME, PRESETS, experiment, preset, seeds=seeds, device=device, overrides=overrides,
-                     progress=progress, extra_eval=probe, hash_extra={"probe": probe.settings()})
+                     progress=progress, **run_options(preset), **sweep)
+
+
+def run_options(preset: str) -> dict[str, Any]:
+    """What a run needs beyond its config: the preset's probe (``extra_eval``) and its settings (``hash_extra``)."""
+    probe = probe_for(preset)
+    return {"extra_eval": probe, "hash_extra": {"probe": probe.settings()}}
 
 
 # ----------------------------------------------------------------------------------- tables
@@ -525,7 +531,7 @@ def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
     if not sweep.empty:
         out.extend(_bpr_verdicts(sweep, why))
     if write:
-        write_verdicts(out, results_root() / results.preset / NAME / "verdicts.json")
+        write_verdicts(out, results.verdicts_path())
     return out
 
 

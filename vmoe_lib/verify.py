@@ -1,0 +1,148 @@
+"""Rerun recorded runs and compare: is a result of record reproducible here?
+
+``python -m vmoe_lib verify <chapter> --preset cpu --sample N [--seed S]`` picks N recorded runs
+(reproducibly, by S), retrains each in a fresh worker process with the thread count and numerics
+settings its manifest records, into a scratch folder, and compares every recorded number that
+is an outcome of the run (timings are not). A field that differs is shown with its size in units
+of the seed-to-seed standard deviation of that field across the record's seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, check_positive
+
+__all__ = ["Difference", "RunCheck", "compare_records", "verify_chapter"]
+
+# Keys that measure time or where the run happened, not what it computed.
+_NOT_OUTCOMES = ("seconds", "wall_time", "per_second", "images_per_s", "finished_at", "device")
+
+
+@dataclass
+class Difference:
+    """One recorded number that came out differently."""
+
+    field: str
+    recorded: float
+    rerun: float
+    seed_sd: float | None  # sd over the record's seeds of this field (None: not defined per seed)
+
+    @property
+    def in_seed_sd(self) -> float | None:
+        if self.seed_sd is None or self.seed_sd == 0:
+            return None
+        return abs(self.rerun - self.recorded) / self.seed_sd
+
+    def describe(self) -> str:
+        size = f" = {self.in_seed_sd:.2f} seed sd" if self.in_seed_sd is not None else ""
+        return f"{self.field}: {self.recorded:.6g} -> {self.rerun:.6g} (|diff| {abs(self.rerun - self.recorded):.3g}{size})"
+
+
+@dataclass
+class RunCheck:
+    """The verdict on one rerun record."""
+
+    path: Path
+    identical: bool
+    compared: int
+    differences: list[Difference] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if any(tag in str(k) for tag in _NOT_OUTCOMES):
+                continue
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, value
+
+
+def compare_records(recorded: dict[str, Any], rerun: dict[str, Any], seed_sds: dict[str, float] | None = None) -> tuple[int, list[Difference]]:
+    """``(fields compared, differences)`` between two records, timings ignored; bit-exact comparison."""
+    seed_sds = seed_sds or {}
+    a, b = dict(_leaves(recorded)), dict(_leaves(rerun))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)):
+            continue
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+            out.append(Difference(key, float(x), float(y), seed_sds.get(key)))
+        else:
+            out.append(Difference(key, float("nan"), float("nan"), None))
+    return len(set(a) | set(b)), out
+
+
+def _seed_sds(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Sample sd over the record's seeds of every numeric field (final metrics, history, ...)."""
+    import numpy as np
+
+    values: dict[str, list[float]] = {}
+    for record in records:
+        for key, value in _leaves(record):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values.setdefault(key, []).append(float(value))
+    return {k: float(np.std(v, ddof=1)) for k, v in values.items() if len(v) >= 2}
+
+
+def verify_chapter(chapter: str, preset: str = "cpu", *, sample: int = 1, seed: int = 0, progress: bool = True,
+                   workers: int = 1) -> list[RunCheck]:
+    """Rerun ``sample`` recorded runs of ``chapter``/``preset`` with their recorded settings and compare.
+
+    Each run trains in a fresh worker process started with the recorded thread count and with the
+    numerics pinned exactly when the record was pinned, into a scratch results folder (the record
+    is never touched).
+    """
+    from .chapters import get_chapter
+    from .results import results_root
+    from .sweep import RunTask, run_tasks
+    from .train import TrainConfig
+
+    check_positive("sample", sample)
+    module = get_chapter(chapter)
+    folder = results_root() / preset / chapter
+    files = sorted(p for p in folder.glob("*__s*.json"))
+    if not files:
+        raise ConfigError(f"chapter {chapter!r} has no recorded runs under {folder}; run it first")
+    if sample > len(files):
+        raise ConfigError(f"sample={sample} is larger than the {len(files)} recorded runs of {chapter}/{preset}")
+    chosen = sorted(random.Random(seed).sample(files, sample))
+    payloads = {p: json.loads(p.read_text()) for p in files}
+    options = module.run_options(preset) if hasattr(module, "run_options") else {}
+    checks = []
+    with tempfile.TemporaryDirectory(prefix="vmoe-verify-") as scratch:
+        for path in chosen:
+            manifest, record = payloads[path]["manifest"], payloads[path]["record"]
+            threads = int(manifest["hardware"].get("torch_threads") or 1)
+            pinned = bool((manifest.get("numerics") or {}).get("pinned", False))
+            hash_extra = manifest.get("hash_extra")
+            if hash_extra != options.get("hash_extra"):
+                raise ConfigError(f"{path.name} was made with settings {hash_extra!r} that the chapter's preset no longer "
+                                  f"uses ({options.get('hash_extra')!r}); it is stale, not verifiable")
+            task = RunTask(chapter, preset, manifest["run"], int(manifest["seed"]), TrainConfig.from_dict(manifest["config"]),
+                           manifest["config_hash"], Path(scratch) / "results" / path.name, Path(scratch) / "cache",
+                           hash_extra=hash_extra, extra_eval=options.get("extra_eval"), device=record.get("device", "cpu"))
+            if progress:
+                print(f"rerunning {path.name} ({threads} thread(s), numerics {'pinned' if pinned else 'not pinned'})", flush=True)
+            [outcome] = run_tasks([task], executor="local", workers=1, progress=False, pinned=pinned,
+                                  threads=threads)
+            if not outcome.ok:
+                raise RuntimeError(f"rerun of {path.name} {outcome.status}: {outcome.error} (log: {outcome.log})")
+            rerun = json.loads(task.path.read_text())["record"]
+            peers = [payloads[p]["record"] for p in files if payloads[p]["manifest"]["run"] == manifest["run"]]
+            n, diffs = compare_records(record, rerun, _seed_sds(peers))
+            checks.append(RunCheck(path, not diffs, n, diffs, {"threads": threads, "pinned": pinned}))
+    return checks
