@@ -351,3 +351,31 @@ def test_submitit_local_executor_runs_the_missing_runs_as_jobs(tmp_path):
     again = load_or_run(CHAPTER, PRESET, runs, [0], executor="slurm", slurm=options, progress=False)
     assert _outcome(again[1]) == _outcome(first[1]) and again[0].path.stat().st_mtime == first[0].path.stat().st_mtime
     assert len(list((tmp_path / "jobs").glob("*_result.pkl"))) == 3  # 2 jobs, then 1
+
+
+# ----------------------------------------------------------------------------- verify
+@pytest.mark.slow
+def test_verify_reruns_a_record_and_reports_identical_or_the_differences(tmp_path, monkeypatch):
+    import types
+
+    from vmoe_lib import chapters
+    from vmoe_lib.verify import verify_chapter
+
+    toy = types.SimpleNamespace(NAME="toy_verify", PRESETS=PRESETS, experiment=_experiment, run_options=lambda p: {})
+    monkeypatch.setitem(chapters.CHAPTERS, "toy_verify", toy)
+    recorded = load_or_run("toy_verify", "smoke", {"a": TINY}, [0, 1], executor="local", workers=1, progress=False)
+    [check] = verify_chapter("toy_verify", "smoke", sample=1, seed=0, progress=False)
+    assert check.identical and check.compared > 10 and check.settings == {"threads": os.cpu_count(), "pinned": True}
+    # A record that does not match what the code computes is caught, field by field, in seed sds.
+    path = check.path
+    payload = json.loads(path.read_text())
+    payload["record"]["final"]["test_accuracy"] += 0.01
+    path.write_text(json.dumps(payload))
+    [check] = verify_chapter("toy_verify", "smoke", sample=1, seed=0, progress=False)
+    assert not check.identical
+    [diff] = [d for d in check.differences if d.field == "final.test_accuracy"]
+    assert diff.rerun == pytest.approx(diff.recorded - 0.01) and diff.seed_sd is not None
+    assert "seed sd" in diff.describe() or diff.seed_sd == 0
+    with pytest.raises(ConfigError, match="sample=3 is larger than the 2 recorded runs"):
+        verify_chapter("toy_verify", "smoke", sample=3)
+    assert len(recorded) == 2

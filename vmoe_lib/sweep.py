@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import pickle
 import queue
@@ -38,6 +37,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +131,7 @@ class RunOutcome:
     log: str = ""
     seconds: float = 0.0
     worker: int | None = None
+    warnings: list[str] = field(default_factory=list)  # raised in the worker (e.g. a corrupt checkpoint moved aside)
 
     @property
     def ok(self) -> bool:
@@ -349,7 +350,12 @@ def _worker_main(index: int) -> int:
             sys.stdout = sys.stderr = log
             try:
                 print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} worker {index} (pid {os.getpid()}): {task.label}", flush=True)
-                outcome = execute_task(task, progress=True, wait=message["wait"], worker=index)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("default")
+                    outcome = execute_task(task, progress=True, wait=message["wait"], worker=index)
+                outcome.warnings = [f"{w.category.__name__}: {w.message}" for w in caught]
+                for text in outcome.warnings:
+                    print(f"warning: {text}", flush=True)
                 print(f"== {outcome.status} after {outcome.seconds:.0f} s {outcome.error}", flush=True)
             finally:
                 sys.stdout, sys.stderr = old_out, old_err
@@ -414,6 +420,8 @@ def run_tasks(
 
 
 def _report(bar, outcome: RunOutcome) -> None:
+    for text in outcome.warnings:
+        bar.write(f"warning ({outcome.name} seed {outcome.seed}): {text}")
     if not outcome.ok:
         bar.write(f"!! {outcome.name} seed {outcome.seed} {outcome.status}: {outcome.error}\n   log: {outcome.log}")
 
