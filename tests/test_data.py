@@ -273,16 +273,39 @@ def test_unknown_dataset_names_the_setting_and_the_choices():
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_offline_without_files_says_what_was_tried(tmp_path, name):
+def test_cifar_offline_without_files_says_what_was_tried_and_fails_fast(tmp_path, monkeypatch, name):
+    import time
+
     empty = tmp_path / "empty"
     empty.mkdir()
+    monkeypatch.setenv("VMOE_DATA_DIR", str(empty))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    started = time.monotonic()
     with pytest.raises(DataUnavailableError) as err:
-        load_dataset(name, root=empty)
+        load_dataset(name)
+    assert time.monotonic() - started < 20  # no minute of hub retries
     message = str(err.value)
     assert f"dataset={name!r}" in message
     assert str(empty) in message  # the folder it looked in
     assert vdata._HUB_IDS[name] in message  # ... and the hub
     assert "cs.toronto.edu" in message and "root=" in message  # how to get the data
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "does not exist"), ("file", "is a file"), ("empty", "holds no {name} dataset"),
+])
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
+def test_a_bad_root_is_an_error_never_a_fall_back_to_another_copy(tmp_path, monkeypatch, kind, message, name):
+    write_fashion_mnist(tmp_path / "elsewhere", n_train=20, n_test=5)
+    monkeypatch.setenv("VMOE_DATA_DIR", str(tmp_path / "elsewhere"))  # a valid copy it must not fall back to
+    root = tmp_path / "root"
+    if kind == "file":
+        root.write_text("x")
+    elif kind == "empty":
+        root.mkdir()
+    with pytest.raises(ConfigError) as err:
+        load_dataset(name, root=root, val_size=0)
+    assert f"root={str(root)!r}" in str(err.value) and message.format(name=name) in str(err.value)
 
 
 @pytest.mark.parametrize("val_size", [-1, 2.5, "10", 20, 21])

@@ -197,7 +197,7 @@ def _not_a_dict(path):
     "spoil, reason",
     [
         (_corrupt, "unreadable"),
-        (_not_a_dict, "unreadable"),
+        (_not_a_dict, "not a {manifest, record} object"),
         (_wrong_config, "stored config does not match its key"),
         (_wrong_seed, "seed 7 != 0"),
         (_empty_history, "empty history"),
@@ -224,7 +224,7 @@ def test_hash_extra_enters_the_key_and_the_manifest(tmp_path, trained):
     out = load_or_run(CHAPTER, PRESET, {"a": TINY}, [0], device="cpu", progress=False, hash_extra={"grid": (1, 2)})
     key = config_hash(TINY, {"grid": (1, 2)})
     assert out[0].path.name == f"a__{key}__s0.json" and key != config_hash(TINY)
-    assert out[0].manifest["hash_extra"] == {"grid": (1, 2)}
+    assert out[0].manifest["hash_extra"] == {"grid": [1, 2]}  # as stored: JSON values
     load_or_run(CHAPTER, PRESET, {"a": TINY}, [0], device="cpu", progress=False, hash_extra={"grid": (1, 2)})
     assert len(trained) == 1  # read back (tuple -> JSON list) it still matches its key
 

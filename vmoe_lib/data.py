@@ -200,10 +200,30 @@ def _from_hub_or_parquet(name: str, folder: Path | None) -> dict[str, tuple[np.n
         files = {s: sorted(str(p) for p in folder.rglob(f"{s}-*.parquet")) for s in ("train", "test")}
         if files["train"] and files["test"]:
             return _from_hf_dataset(datasets.load_dataset("parquet", data_files=files), name)
+    problem = _hub_unreachable()
+    if problem:  # fail in seconds, not after a minute of retries
+        raise DataUnavailableError(f"Hugging Face hub {_HUB_IDS[name]!r}: {problem}")
     try:
         return _from_hf_dataset(datasets.load_dataset(_HUB_IDS[name]), name)
     except Exception as err:  # network errors come in many types
         raise DataUnavailableError(f"Hugging Face hub {_HUB_IDS[name]!r}: {type(err).__name__}: {err}") from err
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used from here (offline mode, no route), or ``None``."""
+    import socket
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            return f"offline mode (${var} is set)"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    name, _, port = host.partition(":")
+    try:
+        with socket.create_connection((name, int(port or 443)), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"not reachable from this machine ({name}: {err.strerror or type(err).__name__})"
 
 
 def _imagefolder(root: Path, image_size: int) -> tuple[dict, tuple[str, ...]]:
@@ -258,6 +278,22 @@ def _load_raw(name: str, root, image_size: int | None):
             raise ConfigError("dataset='imagefolder' needs root=<folder with train/ and val/>")
         return _imagefolder(Path(root), image_size or 64)
 
+    if root is not None:
+        root = Path(root)
+        if not root.exists():
+            raise ConfigError(f"root={str(root)!r} does not exist; pass the folder that holds the {name} files, or leave "
+                              "root unset to use $VMOE_DATA_DIR and the default places")
+        if not root.is_dir():
+            raise ConfigError(f"root={str(root)!r} is a file; pass the folder that holds the {name} files")
+        raw = _fashion_mnist_from_folder(root) if name == "fashion_mnist" else _cifar_from_pickles(root, name)
+        if raw is not None:
+            return raw, _class_names(name, root)
+        parquet = [p for s in ("train", "test") for p in root.rglob(f"{s}-*.parquet")]
+        if parquet:
+            return _from_hub_or_parquet(name, root), _class_names(name, None)
+        expected = ("the four IDX files (train-images-idx3-ubyte[.gz], ...)" if name == "fashion_mnist"
+                    else f"the python release of {name} (cifar-10-batches-py/ or cifar-100-python/) or parquet files")
+        raise ConfigError(f"root={str(root)!r} holds no {name} dataset; it must contain {expected}")
     tried = []
     for folder in _candidate_folders(root, name):
         if not folder.is_dir():

@@ -33,7 +33,7 @@ from tqdm import tqdm  # text bars: work in terminals, notebooks and papermill l
 
 from .costs import model_costs
 from .data import DATASETS, BatchLoader, ImageDataset, load_dataset
-from .errors import ConfigError, check_choice, check_positive, check_range
+from .errors import ConfigError, check_bool, check_choice, check_positive, check_range
 from .layers.aux import collect_aux_loss
 from .models import create_model, list_models
 
@@ -44,6 +44,32 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: the run is stopped and never stored as a result."""
 
 _OPTIMIZERS = ("adamw", "adam", "sgd")
+_NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # imagefolder: whatever image_size says
+_CHECKED_MODEL_KWARGS: dict[str, None] = {}  # (model, kwargs) already built once on the meta device
+
+
+def _check_model_kwargs(model: str, model_kwargs: dict[str, Any]) -> None:
+    """Reject ``model_kwargs`` the model does not accept, when the config is made, not when the run starts.
+
+    The model is built once on the meta device (no memory, no initialisation cost); a ``TypeError``
+    (an unexpected keyword) or a :class:`ConfigError` of the model's own checks names the bad argument.
+    """
+    try:
+        key = json.dumps([model, model_kwargs], sort_keys=True)
+    except TypeError as err:
+        raise ConfigError(f"model_kwargs={model_kwargs!r} is invalid; it must hold only JSON values ({err})") from None
+    if key in _CHECKED_MODEL_KWARGS:
+        return
+    try:
+        with torch.device("meta"):
+            create_model(model, **model_kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"model_kwargs={model_kwargs!r} are invalid for model={model!r}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"model_kwargs={model_kwargs!r} are not accepted by model={model!r}: {err}") from None
+    if len(_CHECKED_MODEL_KWARGS) > 512:
+        _CHECKED_MODEL_KWARGS.clear()
+    _CHECKED_MODEL_KWARGS[key] = None
 
 
 @dataclass
@@ -110,6 +136,13 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r} is invalid; it must be an int > 0 or None")
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs={self.model_kwargs!r} is invalid; it must be a dict")
+        for name in ("augment", "flip", "amp"):
+            check_bool(name, getattr(self, name))
+        size = self.image_size or _NATIVE_SIZE.get(self.dataset)
+        if size is not None and self.crop_padding >= size:
+            raise ConfigError(f"crop_padding={self.crop_padding} is invalid for {size}x{size} images; it must be an int "
+                              f"from 0 to {size - 1} (a few pixels, e.g. 2 or 4)")
+        _check_model_kwargs(self.model, self.model_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

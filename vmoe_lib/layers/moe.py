@@ -198,6 +198,9 @@ class MoEMlp(nn.Module):
             raise ConfigError(f"group_size={group_size} is invalid with router={self.router_name!r}: it routes one image per group; use group_size=1")
         self.group_size = group_size
 
+        if router_options is not None and not isinstance(router_options, dict):
+            raise ConfigError(f"router_options={router_options!r} is invalid; it must be a dict of router options "
+                              "(see vmoe_lib.routers.router_options(name) for each router's)")
         self.routing_share = routing_share
         self.routing_leader = routing_leader or routing_share is None
         if isinstance(router, nn.Module):
@@ -315,6 +318,18 @@ class MoEMlp(nn.Module):
         return routing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Route the tokens of ``x`` to the experts; same shape out as in.
+
+        ``x``: ``(..., D)`` float tokens, any leading dims as timm's ``Mlp`` takes (a routing group
+        holds whole images, counted along the first dim); ``(B, D, H, W)`` with ``use_conv``.
+        """
+        bad_rank = x.ndim != 4 if self.use_conv else x.ndim < 1
+        if bad_rank or not x.is_floating_point():
+            shape = "(B, D, H, W)" if self.use_conv else "(..., D)"
+            raise ConfigError(
+                f"input x of shape {tuple(x.shape)} and dtype {x.dtype} is invalid for MoEMlp; it must be a floating-point "
+                f"tensor {shape} with D={self.in_features}"
+            )
         if self.use_conv:  # (B, D, H, W) -> (B, H, W, D): tokens are the H*W positions
             x = x.permute(0, 2, 3, 1)
         shape = x.shape

@@ -60,7 +60,13 @@ def resolve_moe_layers(strategy: str | Sequence[int], depth: int, *, param: str 
             )
         return odd[-n:] if kind == "last" else odd[:n]
     if isinstance(strategy, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in strategy):
-        layers = sorted(set(strategy))
+        if not strategy:
+            raise ConfigError(f"{param}=[] places no MoE layer; a vmoe_* model needs at least one (use the dense model "
+                              f"for none), e.g. {param}=[{depth - 1}] or 'last-2'")
+        duplicates = sorted({i for i in strategy if list(strategy).count(i) > 1})
+        if duplicates:
+            raise ConfigError(f"{param}={list(strategy)!r} repeats layer(s) {duplicates}; each index may appear once")
+        layers = sorted(strategy)
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:
             raise ConfigError(f"{param}={list(strategy)!r} has indices {bad} outside 0..{depth - 1} (depth {depth})")
