@@ -73,6 +73,68 @@ def _train(chapter, runs, pairs, preset: str, workers: int, scratch: Path) -> di
     }
 
 
+_STEP_PROBE = r"""
+import json, statistics, sys, time
+import torch, torch.nn.functional as F
+from vmoe_lib.numerics import apply_threads_from_env
+from vmoe_lib.models import create_model
+from vmoe_lib.layers.aux import collect_aux_loss
+from vmoe_lib.train import TrainConfig
+apply_threads_from_env()
+config = TrainConfig.from_dict(json.loads(sys.argv[1]))
+steps = int(sys.argv[2])
+torch.manual_seed(0)
+model = create_model(config.model, num_classes=10, in_chans=1, **config.model_kwargs)
+size = config.image_size or 28
+x, y = torch.randn(config.batch_size, 1, size, size), torch.randint(0, 10, (config.batch_size,))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+times = []
+for i in range(steps + 5):
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    aux = collect_aux_loss(model)
+    opt.zero_grad(set_to_none=True)
+    (loss if aux is None else loss + aux).backward()
+    opt.step()
+    if i >= 5:
+        times.append(time.perf_counter() - start)
+print(json.dumps({"threads": torch.get_num_threads(), "median_step_ms": 1000 * statistics.median(times)}))
+"""
+
+
+def _step_probe(config, steps: int = 60) -> dict:
+    """Median training-step time of the slice's first model: 2 threads alone, 1 thread alone, and
+    1 thread each in two processes at once (what the parallel sweep does). Explains the ratio:
+    it is at most 2 x (2-thread step) / (1-thread step beside a neighbour)."""
+    import subprocess
+
+    from vmoe_lib.numerics import worker_env
+
+    def launch(threads: int) -> subprocess.Popen:
+        env = worker_env(threads)
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return subprocess.Popen([sys.executable, "-c", _STEP_PROBE, json.dumps(config.to_dict()), str(steps)],
+                                stdout=subprocess.PIPE, text=True, env=env)
+
+    def result(proc: subprocess.Popen) -> float:
+        out, _ = proc.communicate()
+        return json.loads(out.strip().splitlines()[-1])["median_step_ms"]
+
+    two_alone = result(launch(2))
+    one_alone = result(launch(1))
+    pair = [launch(1), launch(1)]
+    one_beside = [result(p) for p in pair]
+    beside = sum(one_beside) / 2
+    return {
+        "model": config.model, "steps": steps,
+        "step_ms_2_threads_alone": two_alone, "step_ms_1_thread_alone": one_alone,
+        "step_ms_1_thread_beside_another": one_beside,
+        "two_thread_speedup": one_alone / two_alone,
+        "slowdown_from_the_neighbour": beside / one_alone,
+        "ratio_bound_from_steps": 2 * two_alone / beside,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chapter", default="routers_bpr")
@@ -92,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         for workers in (1, cores):
             print(f"== {workers} worker(s)", flush=True)
             rows.append(_train(chapter, runs, pairs, args.preset, workers, Path(scratch) / f"w{workers}"))
+    print("== step probe (one model, alone and beside another process)", flush=True)
+    probe = _step_probe(next(iter(runs.values())))
     sequential, parallel = rows
     ratio = parallel["runs_per_hour"] / sequential["runs_per_hour"]
     per_run = (sum(parallel["run_train_s"]) / len(pairs)) / (sum(sequential["run_train_s"]) / len(pairs))
@@ -102,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_runs_per_hour": ratio,
         "one_thread_run_vs_all_threads_run": per_run,
         "ideal_ratio": float(cores),
+        "step_probe": probe,
         "cpu": cpu_info(), "versions": _versions(), "git_sha": _git_sha(),
         "python": platform.python_version(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -124,6 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         f"**Ratio: {ratio:.2f}x runs per hour** with {cores} workers (ideal {cores}x). A one-thread run takes "
         f"{per_run:.2f}x the training time of a {sequential['threads_per_worker']}-thread run, so the ratio is bounded by "
         f"{cores}/{per_run:.2f} = {cores / per_run:.2f}x; the rest is worker start-up and the last round's idle worker.",
+    ]
+    lines += [
+        "",
+        f"Why (step probe, {probe['model']}, median of {probe['steps']} training steps on random batches): "
+        f"{probe['step_ms_2_threads_alone']:.1f} ms with 2 threads alone, {probe['step_ms_1_thread_alone']:.1f} ms with "
+        f"1 thread alone (2 threads are {probe['two_thread_speedup']:.2f}x faster than 1), and "
+        f"{' / '.join(f'{v:.1f}' for v in probe['step_ms_1_thread_beside_another'])} ms with 1 thread each in two "
+        f"processes at once: a neighbour slows a one-thread run by {probe['slowdown_from_the_neighbour']:.2f}x (the two "
+        f"cores share caches and memory bandwidth), so two workers can give at most "
+        f"{probe['ratio_bound_from_steps']:.2f}x the steps per hour of one 2-thread worker.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -497,3 +497,45 @@ def test_per_image_superclass_guidance():
     assert "superclass_loss" in routing.metrics and "superclass_accuracy" in routing.metrics
     router.superclass_loss_weight = 0.0
     assert float(router(x).aux_loss) == 0.0
+
+
+# ----------------------------------------------------------------------------- statistics only when read
+@pytest.mark.parametrize("name", ALL)
+def test_routing_statistics_are_computed_only_when_read(name, monkeypatch):
+    """A training step reads no statistics, so no router computes them in its forward; reading them
+    later gives exactly what an eager computation gives (the loss terms included, detached)."""
+    from vmoe_lib.routers import stats
+
+    calls = []
+    for fn in ("sparse_routing_metrics", "gate_entropy"):
+        original = getattr(stats, fn)
+        for module in (R.token_choice_routing, R.expert_choice_routing, R.per_image_routing, R.soft_routing):
+            if hasattr(module, fn):
+                monkeypatch.setattr(module, fn, lambda *a, _o=original, _n=fn, **k: calls.append(_n) or _o(*a, **k))
+    router = make(name, **({"k": 2} if "k" in R.router_options(name) and name != "per_image" else {}))
+    router.train()
+    routing = router(tokens())
+    differentiable_sum(routing).backward()
+    assert calls == []  # nothing computed in forward or backward
+    assert isinstance(routing.metrics, R.LazyMetrics)
+    values = dict(routing.metrics)
+    assert calls and "expert_load" in values and "gate_entropy" in values
+    assert all(not v.requires_grad for v in values.values())
+    n = len(calls)
+    dict(routing.metrics)
+    assert len(calls) == n  # computed once, then kept
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "soft"])
+def test_aux_loss_is_the_weighted_sum_of_the_reported_terms(name):
+    weights = {k: 0.01 for k in ("importance_loss_weight", "balance_loss_weight", "z_loss_weight")
+               if k in R.router_options(name)}
+    router = make(name, **weights)
+    router.train()
+    routing = router(tokens())
+    metrics = dict(routing.metrics)
+    expected = sum(getattr(router, f"{term}_weight") * metrics[term] for term in router.loss_weights()
+                   if term in metrics and router.loss_weights()[term] > 0)
+    assert torch.allclose(routing.aux_loss.detach(), torch.as_tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
+    for term in ("importance_loss", "balance_loss", "z_loss"):
+        assert term in metrics  # reported whatever its weight

@@ -379,3 +379,13 @@ def test_verify_reruns_a_record_and_reports_identical_or_the_differences(tmp_pat
     with pytest.raises(ConfigError, match="sample=3 is larger than the 2 recorded runs"):
         verify_chapter("toy_verify", "smoke", sample=3)
     assert len(recorded) == 2
+
+
+def test_verify_lists_the_final_metrics_first():
+    from vmoe_lib.verify import compare_records
+
+    recorded = {"extra": {"a": 1.0}, "history": [{"val_accuracy": 0.5}], "final": {"test_accuracy": 0.8}, "costs": {"flops": 2}}
+    rerun = {"extra": {"a": 2.0}, "history": [{"val_accuracy": 0.6}], "final": {"test_accuracy": 0.7}, "costs": {"flops": 3}}
+    n, diffs = compare_records(recorded, rerun, {"final.test_accuracy": 0.05})
+    assert n == 4 and [d.field for d in diffs] == ["final.test_accuracy", "history[0].val_accuracy", "costs.flops", "extra.a"]
+    assert diffs[0].in_seed_sd == pytest.approx(2.0)

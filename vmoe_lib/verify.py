@@ -70,12 +70,21 @@ def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, value
 
 
+# Differences are listed headline first: final metrics, then the per-epoch history, then the rest.
+_FIRST = ("final.", "history", "costs")
+
+
+def _reading_order(key: str) -> tuple[int, str]:
+    rank = next((i for i, prefix in enumerate(_FIRST) if key.startswith(prefix)), len(_FIRST))
+    return rank, key
+
+
 def compare_records(recorded: dict[str, Any], rerun: dict[str, Any], seed_sds: dict[str, float] | None = None) -> tuple[int, list[Difference]]:
     """``(fields compared, differences)`` between two records, timings ignored; bit-exact comparison."""
     seed_sds = seed_sds or {}
     a, b = dict(_leaves(recorded)), dict(_leaves(rerun))
     out = []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(set(a) | set(b), key=_reading_order):
         x, y = a.get(key), b.get(key)
         if x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)):
             continue

@@ -20,7 +20,7 @@ Routers never set an ``aux_loss`` attribute on themselves: the MoE layer copies
 ``routing.aux_loss`` (already weighted) onto its own ``aux_loss``.
 """
 
-from .base import Routing
+from .base import LazyMetrics, Routing
 from .capacity import compute_capacity
 from .expert_choice_routing import ExpertChoice, SoftmaxExpertChoiceRouter, expert_choice
 from .gates import CosineGate, LinearGate, MLPGate, create_gate
@@ -45,6 +45,7 @@ __all__ = [
     "MLPGate",
     "PerImageRouter",
     "Routing",
+    "LazyMetrics",
     "SinkhornExpertChoiceRouter",
     "SinkhornTokenChoiceRouter",
     "SoftRouter",

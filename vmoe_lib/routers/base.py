@@ -23,11 +23,49 @@ dispatch/combine tensors for either kind, for analysis and tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Routing"]
+__all__ = ["Routing", "LazyMetrics"]
+
+
+class LazyMetrics(Mapping):
+    """Routing statistics computed on first read, not on every forward.
+
+    A training step never reads a layer's routing statistics (the chapters read them once, after
+    training, through :class:`vmoe_lib.layers.stats.RoutingRecorder`), so a router hands
+    ``compute`` (a function of detached tensors, run under ``torch.no_grad``) instead of the
+    values; the first read computes and keeps them. A plain ``dict`` of the values compares
+    equal to it and ``dict(metrics)`` copies it.
+    """
+
+    __slots__ = ("_compute", "_values")
+
+    def __init__(self, compute: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self._compute: Callable[[], dict[str, torch.Tensor]] | None = compute
+        self._values: dict[str, torch.Tensor] | None = None
+
+    def _get(self) -> dict[str, torch.Tensor]:
+        if self._values is None:
+            assert self._compute is not None
+            with torch.no_grad():
+                self._values = self._compute()
+            self._compute = None  # drop the tensors it held
+        return self._values
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __repr__(self) -> str:
+        return f"LazyMetrics({self._values!r})" if self._values is not None else "LazyMetrics(<not computed yet>)"
 
 
 @dataclass
@@ -44,7 +82,8 @@ class Routing:
 
     ``aux_loss`` is the router's weighted auxiliary loss (a scalar tensor that
     keeps its graph; zero when the router has none). ``metrics`` holds detached
-    statistics (per-expert load, dropped fraction, the unweighted loss terms...).
+    statistics (per-expert load, dropped fraction, the unweighted loss terms...), usually a
+    :class:`LazyMetrics` that computes them when first read.
     """
 
     num_groups: int
@@ -59,7 +98,7 @@ class Routing:
     dispatch_dense: torch.Tensor | None = None
     combine_dense: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def is_sparse(self) -> bool:

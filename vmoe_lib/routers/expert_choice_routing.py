@@ -135,12 +135,12 @@ class ExpertChoiceRouter(CapacityRouter):
             routing = expert_choice_routing(choice, weights.to(x.dtype), group_size=group_size)
             clean_gates = torch.softmax(logits, dim=-1)
             terms = {
-                "importance_loss": importance_loss(clean_gates),
-                "balance_loss": balance_loss(combine_gates),
-                "z_loss": z_loss(logits),
+                "importance_loss": lambda: importance_loss(clean_gates),
+                "balance_loss": lambda: balance_loss(combine_gates),
+                "z_loss": lambda: z_loss(logits),
             }
-            routing.aux_loss = self.weighted_aux_loss(terms, logits)
-            with torch.no_grad():
+
+            def statistics() -> dict[str, torch.Tensor]:
                 metrics = sparse_routing_metrics(
                     routing.group_index,
                     routing.token_index,
@@ -153,8 +153,9 @@ class ExpertChoiceRouter(CapacityRouter):
                 metrics["gate_entropy"] = gate_entropy(clean_gates)
                 metrics["capacity"] = logits.new_tensor(float(capacity))
                 metrics["min_selected_score"] = choice.score.min().detach()
-                metrics.update({key: value.detach().float() for key, value in terms.items()})
-            routing.metrics = metrics
+                return metrics
+
+            routing.aux_loss, routing.metrics = self.aux_loss_and_metrics(terms, logits, statistics)
             return routing
 
 

@@ -138,17 +138,19 @@ class PerImageRouter(GatedRouter):
             # Balance losses over the batch of images, seen as one group of G "tokens".
             clean_gates = torch.softmax(logits, dim=-1)
             terms = {
-                "importance_loss": importance_loss(clean_gates[None]),
-                "balance_loss": balance_loss(gates[None]),
-                "z_loss": z_loss(logits[None]),
+                "importance_loss": lambda: importance_loss(clean_gates[None]),
+                "balance_loss": lambda: balance_loss(gates[None]),
+                "z_loss": lambda: z_loss(logits[None]),
             }
             if self.is_noisy:
-                terms["load_loss"] = load_loss(logits[None], noisy_logits[None], self.noise_sigma, k)
+                sigma = self.noise_sigma
+                terms["load_loss"] = lambda: load_loss(logits[None], noisy_logits[None], sigma, k)
             targets = self.superclass_targets
             if targets is not None:
-                terms["superclass_loss"] = superclass_loss(logits, targets.to(device))
-            routing.aux_loss = self.weighted_aux_loss(terms, logits)
-            with torch.no_grad():
+                targets = targets.to(device)
+                terms["superclass_loss"] = lambda: superclass_loss(logits, targets)
+
+            def statistics() -> dict[str, torch.Tensor]:
                 metrics = sparse_routing_metrics(
                     routing.group_index,
                     routing.token_index,
@@ -160,7 +162,8 @@ class PerImageRouter(GatedRouter):
                 )
                 metrics["gate_entropy"] = gate_entropy(clean_gates)
                 if targets is not None:
-                    metrics["superclass_accuracy"] = (logits.argmax(-1) == targets.to(device)).float().mean()
-                metrics.update({key: value.detach().float() for key, value in terms.items()})
-            routing.metrics = metrics
+                    metrics["superclass_accuracy"] = (logits.argmax(-1) == targets).float().mean()
+                return metrics
+
+            routing.aux_loss, routing.metrics = self.aux_loss_and_metrics(terms, logits, statistics)
             return routing

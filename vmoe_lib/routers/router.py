@@ -13,12 +13,14 @@ The settings that inference-time experiments change on a trained model
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, check_choice, check_positive
+from .base import LazyMetrics
 from .capacity import CAPACITY_ROUNDINGS, compute_capacity
 from .gates import create_gate
 from .ops import check_int_setting, check_rank3
@@ -116,6 +118,32 @@ class GatedRouter(nn.Module):
             if weight > 0:
                 total = total + weight * value
         return total
+
+    def aux_loss_and_metrics(
+        self,
+        loss_terms: dict[str, Callable[[], torch.Tensor]],
+        like: torch.Tensor,
+        statistics: Callable[[], dict[str, torch.Tensor]],
+    ) -> tuple[torch.Tensor, LazyMetrics]:
+        """The weighted auxiliary loss now, the routing statistics when first read.
+
+        ``loss_terms`` maps each loss name to a function computing it. Only the terms with a
+        weight > 0 are computed in the forward (with their graph); the others, and
+        ``statistics()``, are computed by the returned :class:`.LazyMetrics` when something reads
+        them (no training step does), so a step pays only for the losses it trains on.
+        The metrics hold every term, detached, beside the statistics.
+        """
+        weights = self.loss_weights()
+        computed = {name: make() for name, make in loss_terms.items() if weights.get(name, 0.0) > 0}
+        aux_loss = self.weighted_aux_loss(computed, like)
+
+        def metrics() -> dict[str, torch.Tensor]:
+            out = statistics()
+            for name, make in loss_terms.items():
+                out[name] = (computed[name] if name in computed else make()).detach().float()
+            return out
+
+        return aux_loss, LazyMetrics(metrics)
 
 
 class CapacityRouter(GatedRouter):

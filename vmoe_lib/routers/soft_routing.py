@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, check_positive
-from .base import Routing
+from .base import LazyMetrics, Routing
 from .ops import check_int_setting, check_rank3, float32_math, l2_normalize
 from .stats import gate_entropy
 
@@ -120,12 +120,14 @@ class SoftRouter(nn.Module):
                 combine_dense=combine.to(x.dtype),
                 aux_loss=dispatch.new_zeros(()),
             )
-            with torch.no_grad():
+            scale = self.scale.detach().float().clone()
+
+            def statistics() -> dict[str, torch.Tensor]:
                 load = combine.sum(dim=3).mean(dim=(0, 1))  # (E,) share of combine mass per expert
                 reached = (combine.sum(dim=3) > 0).sum(dim=-1).reshape(-1)  # experts per token
                 histogram = torch.bincount(reached, minlength=self.num_experts + 1).float() / max(reached.numel(), 1)
                 flat = combine.reshape(num_groups, group_size, -1)
-                routing.metrics = {
+                return {
                     "expert_load": load,
                     "dropped_fraction": histogram[0].clone(),
                     "experts_per_token": histogram,
@@ -133,6 +135,8 @@ class SoftRouter(nn.Module):
                     "dispatch_entropy": gate_entropy(dispatch, dim=1),
                     "combine_weights_max_mean": flat.max(dim=-1).values.mean(),
                     "dispatch_weights_max_mean": dispatch.max(dim=1).values.mean(),
-                    "scale": self.scale.detach().float().clone(),
+                    "scale": scale,
                 }
+
+            routing.metrics = LazyMetrics(statistics)
             return routing

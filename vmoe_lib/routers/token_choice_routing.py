@@ -19,6 +19,7 @@ gate values (not renormalised), importance + load losses (0.005 each).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -183,9 +184,10 @@ class TokenChoiceRouter(CapacityRouter):
                 choice, weights.to(x.dtype), capacity=capacity, num_experts=num_experts
             )
             clean_gates = torch.softmax(logits, dim=-1)
-            terms = self.loss_terms(logits, noisy_logits, clean_gates, combine_gates)
-            routing.aux_loss = self.weighted_aux_loss(terms, logits)
-            routing.metrics = self.metrics(routing, choice, clean_gates, terms, k)
+            makers = self.loss_terms(logits, noisy_logits, clean_gates, combine_gates)
+            routing.aux_loss, routing.metrics = self.aux_loss_and_metrics(
+                makers, logits, lambda: self.metrics(routing, choice, clean_gates, k)
+            )
             return routing
 
     def loss_terms(
@@ -194,18 +196,20 @@ class TokenChoiceRouter(CapacityRouter):
         noisy_logits: torch.Tensor,
         clean_gates: torch.Tensor,
         dispatch_gates: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Unweighted auxiliary losses, as in the reference ``NoisyTopExpertsPerItemRouter``.
+    ) -> dict[str, Callable[[], torch.Tensor]]:
+        """The unweighted auxiliary losses, as in the reference ``NoisyTopExpertsPerItemRouter``,
+        each as a function that computes it (see :meth:`.GatedRouter.aux_loss_and_metrics`).
 
         Importance on the clean gates; load (only when noisy) from clean vs noisy
         logits; GShard balance on the gates used for dispatch; z-loss on the clean logits.
-        All are cheap and reported in the metrics; only those with weight > 0 enter ``aux_loss``.
+        All are reported in the metrics; only those with weight > 0 enter ``aux_loss``.
         """
-        terms = {"importance_loss": importance_loss(clean_gates)}
+        k, sigma = self.k, self.noise_sigma
+        terms = {"importance_loss": lambda: importance_loss(clean_gates)}
         if self.is_noisy:
-            terms["load_loss"] = load_loss(logits, noisy_logits, self.noise_sigma, self.k)
-        terms["balance_loss"] = balance_loss(dispatch_gates)
-        terms["z_loss"] = z_loss(logits)
+            terms["load_loss"] = lambda: load_loss(logits, noisy_logits, sigma, k)
+        terms["balance_loss"] = lambda: balance_loss(dispatch_gates)
+        terms["z_loss"] = lambda: z_loss(logits)
         return terms
 
     @torch.no_grad()
@@ -214,9 +218,9 @@ class TokenChoiceRouter(CapacityRouter):
         routing: Routing,
         choice: TokenChoice,
         clean_gates: torch.Tensor,
-        terms: dict[str, torch.Tensor],
         k: int,
     ) -> dict[str, torch.Tensor]:
+        """Routing statistics of one forward (see :mod:`.stats`); the loss terms are added by the caller."""
         out = sparse_routing_metrics(
             routing.group_index,
             routing.token_index,
@@ -229,7 +233,6 @@ class TokenChoiceRouter(CapacityRouter):
         out["dropped_choice_fraction"] = 1.0 - choice.kept.float().mean()
         out["gate_entropy"] = gate_entropy(clean_gates)
         out["capacity"] = clean_gates.new_tensor(float(routing.capacity))
-        out.update({key: value.detach().float() for key, value in terms.items()})
         return out
 
 
