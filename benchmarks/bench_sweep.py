@@ -135,13 +135,57 @@ def _step_probe(config, steps: int = 60) -> dict:
     }
 
 
+def render(report: dict) -> str:
+    """The markdown table of record from a report (``--render report.json`` redraws a saved one)."""
+    rows, probe, cores = report["rows"], report["step_probe"], int(report["ideal_ratio"])
+    sequential = rows[0]
+    ratio, per_run = report["ratio_runs_per_hour"], report["one_thread_run_vs_all_threads_run"]
+    lines = [
+        f"# Sweep throughput: {report['chapter']}/{report['preset']}, {len(report['pairs'])} runs",
+        "",
+        f"`{report['command']}`: {report['cpu'].get('model', '?')}, {cores} cores, git {report['git_sha']}, "
+        f"{report['finished_at']}, pinned numerics: {all(r['pinned'] for r in rows)}.",
+        "",
+        "| executor | wall (min) | runs per hour | mean training time per run (s) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['workers']} worker(s) x {r['threads_per_worker']} thread(s) | {r['wall_s'] / 60:.1f} | "
+                     f"{r['runs_per_hour']:.1f} | {sum(r['run_train_s']) / len(r['run_train_s']):.0f} |")
+    slowdown = probe["slowdown_from_the_neighbour"]
+    neighbour = (f"a neighbour slows a one-thread run by {slowdown:.2f}x (the cores share caches and memory bandwidth)"
+                 if slowdown > 1.02 else f"a neighbour does not slow a one-thread run ({slowdown:.2f}x)")
+    lines += [
+        "",
+        f"**Ratio: {ratio:.2f}x runs per hour** with {cores} workers (ideal {cores}x, goal 1.8x). A one-thread run "
+        f"takes {per_run:.2f}x the training time of a {sequential['threads_per_worker']}-thread run, so the ratio is "
+        f"bounded by {cores}/{per_run:.2f} = {cores / per_run:.2f}x; the rest is worker start-up and the last round's "
+        "idle worker.",
+        "",
+        f"Why (step probe, {probe['model']}, median of {probe['steps']} training steps on random batches): "
+        f"{probe['step_ms_2_threads_alone']:.1f} ms with 2 threads alone, {probe['step_ms_1_thread_alone']:.1f} ms with "
+        f"1 thread alone, {' / '.join(f'{v:.1f}' for v in probe['step_ms_1_thread_beside_another'])} ms with 1 thread "
+        f"each in two processes at once. {neighbour[0].upper() + neighbour[1:]}; what caps the ratio is that one run "
+        f"already gains {probe['two_thread_speedup']:.2f}x from its second thread, so two one-thread workers can give at "
+        f"most 2 x {probe['step_ms_2_threads_alone']:.1f} / {sum(probe['step_ms_1_thread_beside_another']) / 2:.1f} = "
+        f"{probe['ratio_bound_from_steps']:.2f}x the steps per hour of one 2-thread worker.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chapter", default="routers_bpr")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--runs", type=int, default=4, help="how many (config, seed) pairs of the sweep (>= 4 of record)")
     parser.add_argument("--out", default=None, help="default: results/benchmarks/cpu/sweep.{json,md} (cpu preset only)")
+    parser.add_argument("--render", default=None, metavar="JSON", help="only redraw the markdown of a saved report")
     args = parser.parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        print(f"redrawn {path.with_suffix('.md')}")
+        return 0
 
     from vmoe_lib.numerics import cpu_info
     from vmoe_lib.results import _git_sha, _versions
@@ -172,35 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    lines = [
-        f"# Sweep throughput: {args.chapter}/{args.preset}, {len(pairs)} runs",
-        "",
-        f"{report['cpu'].get('model', '?')}, {cores} cores, git {report['git_sha']}, {report['finished_at']}, "
-        f"pinned numerics: {all(r['pinned'] for r in rows)}.",
-        "",
-        "| executor | wall (min) | runs per hour | mean training time per run (s) |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['workers']} worker(s) x {r['threads_per_worker']} thread(s) | {r['wall_s'] / 60:.1f} | "
-                     f"{r['runs_per_hour']:.1f} | {sum(r['run_train_s']) / len(r['run_train_s']):.0f} |")
-    lines += [
-        "",
-        f"**Ratio: {ratio:.2f}x runs per hour** with {cores} workers (ideal {cores}x). A one-thread run takes "
-        f"{per_run:.2f}x the training time of a {sequential['threads_per_worker']}-thread run, so the ratio is bounded by "
-        f"{cores}/{per_run:.2f} = {cores / per_run:.2f}x; the rest is worker start-up and the last round's idle worker.",
-    ]
-    lines += [
-        "",
-        f"Why (step probe, {probe['model']}, median of {probe['steps']} training steps on random batches): "
-        f"{probe['step_ms_2_threads_alone']:.1f} ms with 2 threads alone, {probe['step_ms_1_thread_alone']:.1f} ms with "
-        f"1 thread alone (2 threads are {probe['two_thread_speedup']:.2f}x faster than 1), and "
-        f"{' / '.join(f'{v:.1f}' for v in probe['step_ms_1_thread_beside_another'])} ms with 1 thread each in two "
-        f"processes at once: a neighbour slows a one-thread run by {probe['slowdown_from_the_neighbour']:.2f}x (the two "
-        f"cores share caches and memory bandwidth), so two workers can give at most "
-        f"{probe['ratio_bound_from_steps']:.2f}x the steps per hour of one 2-thread worker.",
-    ]
-    text = "\n".join(lines) + "\n"
+    text = render(report)
     print(text)
     if args.out or args.preset == "cpu":
         out = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / "cpu" / "sweep"
