@@ -539,3 +539,55 @@ def test_aux_loss_is_the_weighted_sum_of_the_reported_terms(name):
     assert torch.allclose(routing.aux_loss.detach(), torch.as_tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
     for term in ("importance_loss", "balance_loss", "z_loss"):
         assert term in metrics  # reported whatever its weight
+
+
+# ----------------------------------------------------------------------------- fast paths equal their plain forms
+@pytest.mark.parametrize("shape", [(3, 10, 4), (2, 7, 8), (5, 16), (2, 3, 70)])
+def test_softmax_experts_equals_torch_softmax(shape):
+    from vmoe_lib.routers.ops import softmax_experts
+
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 5).requires_grad_()
+    y = softmax_experts(x)
+    ref = torch.softmax(x, dim=-1)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=0, atol=2e-7)  # one ulp or so, not bit for bit
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad(y, x, g)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("values", [
+    [[0.2, 0.5, 0.5, 0.1]],  # a tie at the top: the lower index wins
+    [[1.0, 1.0, 1.0, 1.0]],  # all equal (a zero-initialised gate)
+    [[float("-inf"), float("-inf"), 0.0, float("-inf")]],
+    [[0.0, 0.0, float("-inf"), 3.0]],
+])
+def test_top_1_by_max_is_the_stable_sort_choice(values):
+    from vmoe_lib.routers.ops import stable_top_k
+
+    x = torch.tensor(values)
+    top, index = stable_top_k(x, 1)
+    sorted_values, sorted_index = torch.sort(x, dim=-1, descending=True, stable=True)
+    assert torch.equal(index, sorted_index[..., :1]) and torch.equal(top, sorted_values[..., :1])
+    x = torch.randn(4, 9, 8, generator=torch.Generator().manual_seed(2)).round()  # many ties
+    top, index = stable_top_k(x, 1)
+    sorted_values, sorted_index = torch.sort(x, dim=-1, descending=True, stable=True)
+    assert torch.equal(index, sorted_index[..., :1]) and torch.equal(top, sorted_values[..., :1])
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_top_k_by_keys_is_the_stable_sort_choice(k):
+    from vmoe_lib.routers.ops import stable_top_k
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, 9, generator=gen).round()  # many ties
+    x[0, 0] = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, float("inf"), float("-inf"), -1.0, -0.0])
+    x[0, 1] = torch.tensor([float("-inf")] * 9)
+    x[0, 2] = torch.tensor([-2.5, -2.5, -1e-30, 1e-30, 0.0, -0.0, 3e38, -3e38, 5.0])
+    x[1] = torch.softmax(torch.randn(6, 9, generator=gen), -1)
+    for dim in (-1, 1):
+        top, index = stable_top_k(x, k, dim=dim)
+        values, order = torch.sort(x, dim=dim, descending=True, stable=True)
+        assert torch.equal(index, order.narrow(dim, 0, k))
+        assert torch.equal(top, values.narrow(dim, 0, k))

@@ -154,11 +154,11 @@ class _SortedExpertsCombine(torch.autograd.Function):
                 _linear_into(h[start:end], tokens[start:end], w1[e], None if b1 is None else b1[e])
         a = act(h)
         out = x.new_empty(N, w2.shape[2])
-        y = x.new_zeros(x.shape[0], w2.shape[2])
         for e, (start, end) in enumerate(bounds):
             if end > start:
                 _linear_into(out[start:end], a[start:end], w2[e], None if b2 is None else b2[e])
-                y.index_add_(0, rows[start:end], out[start:end] * weights[start:end, None])
+        # One weighted scatter-add for all pairs (rows are in expert order, as the loop went).
+        y = x.new_zeros(x.shape[0], w2.shape[2]).index_add_(0, rows, out * weights[:, None])
         ctx.save_for_backward(weights, w1, w2, rows)
         # Intermediates live on ctx (not saved tensors) so backward can free each when done with it.
         ctx.tokens, ctx.h, ctx.a, ctx.out = tokens, h, a, out
@@ -178,12 +178,12 @@ class _SortedExpertsCombine(torch.autograd.Function):
         grad_b1 = w1.new_zeros(w1.shape[0], w1.shape[2]) if ctx.has_bias[0] else None
         grad_b2 = w2.new_zeros(w2.shape[0], w2.shape[2]) if ctx.has_bias[1] else None
         grad_a = torch.empty_like(a)
+        torch.sum(g * out, -1, out=grad_weights)  # dL/d(combine weight) of every pair at once
+        g.mul_(weights[:, None])  # now dL/d(expert output)
         for e, (start, end) in enumerate(ctx.bounds):
             if end == start:
                 continue
             g_e = g[start:end]
-            torch.sum(g_e * out[start:end], -1, out=grad_weights[start:end])
-            g_e.mul_(weights[start:end, None])  # now dL/d(expert output)
             torch.mm(a[start:end].t(), g_e, out=grad_w2[e])
             if grad_b2 is not None:
                 torch.sum(g_e, 0, out=grad_b2[e])
@@ -191,14 +191,17 @@ class _SortedExpertsCombine(torch.autograd.Function):
         del a, out, g  # free (N, H) and (N, O) before the activation's backward, as a dense MLP would
         grad_h = _activation_backward(ctx.act, h, grad_a)
         del grad_a, h
-        grad_x = tokens.new_zeros(ctx.num_rows, tokens.shape[1])
+        grad_tokens = torch.empty_like(tokens)
         for e, (start, end) in enumerate(ctx.bounds):
             if end == start:
                 continue
             torch.mm(tokens[start:end].t(), grad_h[start:end], out=grad_w1[e])
             if grad_b1 is not None:
                 torch.sum(grad_h[start:end], 0, out=grad_b1[e])
-            grad_x.index_add_(0, rows[start:end], grad_h[start:end] @ w1[e].t())
+            torch.mm(grad_h[start:end], w1[e].t(), out=grad_tokens[start:end])
+        del grad_h
+        # One scatter-add back to the token rows (empty segments leave no row to add).
+        grad_x = tokens.new_zeros(ctx.num_rows, tokens.shape[1]).index_add_(0, rows, grad_tokens)
         return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError
 from .base import Routing
 from .losses import balance_loss, importance_loss, z_loss
-from .ops import check_int_setting, check_rank3, float32_math
+from .ops import check_int_setting, check_rank3, float32_math, softmax_experts
 from .router import CapacityRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
@@ -133,7 +133,7 @@ class ExpertChoiceRouter(CapacityRouter):
             choice = expert_choice(scores, capacity, tie_break)
             weights = combine_gates.transpose(1, 2).gather(-1, choice.token_index)  # (G, E, C)
             routing = expert_choice_routing(choice, weights.to(x.dtype), group_size=group_size)
-            clean_gates = torch.softmax(logits, dim=-1)
+            clean_gates = softmax_experts(logits)
             terms = {
                 "importance_loss": lambda: importance_loss(clean_gates),
                 "balance_loss": lambda: balance_loss(combine_gates),
@@ -205,5 +205,5 @@ class SoftmaxExpertChoiceRouter(ExpertChoiceRouter):
     def dispatch_scores(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor, capacity: int
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        gates = torch.softmax(noisy_logits, dim=-1)
+        gates = softmax_experts(noisy_logits)
         return gates, gates, None

@@ -23,7 +23,7 @@ import torch
 from ..errors import ConfigError, check_positive
 from .base import Routing
 from .losses import balance_loss, importance_loss, load_loss, superclass_loss, z_loss
-from .ops import check_int_setting, check_rank3, float32_math, stable_top_k
+from .ops import check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
 from .router import GatedRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
@@ -117,7 +117,7 @@ class PerImageRouter(GatedRouter):
             num_images, num_experts = logits.shape
             k = self.k
             noisy_logits = self.add_noise(logits)
-            gates = torch.softmax(noisy_logits, dim=-1)
+            gates = softmax_experts(noisy_logits)
             top_gates, top_experts = stable_top_k(gates, k)  # (G, K)
             if self.renormalize:
                 top_gates = top_gates / top_gates.sum(dim=-1, keepdim=True)
@@ -136,7 +136,7 @@ class PerImageRouter(GatedRouter):
                 combine_weight=top_gates.to(dtype or image_repr.dtype).unsqueeze(1).expand(shape).reshape(-1),
             )
             # Balance losses over the batch of images, seen as one group of G "tokens".
-            clean_gates = torch.softmax(logits, dim=-1)
+            clean_gates = softmax_experts(logits)
             terms = {
                 "importance_loss": lambda: importance_loss(clean_gates[None]),
                 "balance_loss": lambda: balance_loss(gates[None]),

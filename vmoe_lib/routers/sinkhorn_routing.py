@@ -26,7 +26,7 @@ import torch
 
 from ..errors import check_positive
 from .expert_choice_routing import ExpertChoiceRouter
-from .ops import check_int_setting, check_rank3
+from .ops import check_int_setting, check_rank3, softmax_experts
 from .token_choice_routing import TokenChoiceRouter
 
 __all__ = ["SinkhornExpertChoiceRouter", "SinkhornTokenChoiceRouter", "sinkhorn"]
@@ -138,7 +138,7 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():  # the plan only chooses; gradients flow through the combine softmax
             plan = sinkhorn(noisy_logits, iterations=self.sinkhorn_iterations, epsilon=self.sinkhorn_epsilon)
-        return plan, torch.softmax(logits, dim=-1)
+        return plan, softmax_experts(logits)
 
 
 class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
@@ -195,4 +195,4 @@ class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
         with torch.no_grad():
             plan = sinkhorn(noisy_logits, iterations=self.sinkhorn_iterations, epsilon=self.sinkhorn_epsilon)
-        return plan, torch.softmax(noisy_logits, dim=-1), None
+        return plan, softmax_experts(noisy_logits), None

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, check_positive
 from .base import LazyMetrics, Routing
-from .ops import check_int_setting, check_rank3, float32_math, l2_normalize
+from .ops import check_int_setting, check_rank3, float32_math, l2_normalize, softmax_experts
 from .stats import gate_entropy
 
 __all__ = ["SoftRouter", "soft_moe_logits", "soft_moe_weights"]
@@ -71,7 +71,7 @@ def soft_moe_weights(
         logits = logits + logits_noise
     dispatch = torch.softmax(logits, dim=1)
     groups, tokens, experts, slots = logits.shape
-    combine = torch.softmax(logits.reshape(groups, tokens, experts * slots), dim=-1).view_as(logits)
+    combine = softmax_experts(logits.reshape(groups, tokens, experts * slots)).view_as(logits)
     return dispatch, combine
 
 

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import check_choice, check_positive
 from .expert_choice_routing import ExpertChoice, ExpertChoiceRouter, expert_choice
-from .ops import check_int_setting, check_rank3, stable_top_k
+from .ops import check_int_setting, check_rank3, softmax_experts, stable_top_k
 
 __all__ = [
     "SparseExpertChoiceRouter",
@@ -194,7 +194,7 @@ class SparseExpertChoiceRouter(ExpertChoiceRouter):
     def dispatch_scores(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor, capacity: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        gates = torch.softmax(noisy_logits, dim=-1)
+        gates = softmax_experts(noisy_logits)
         plan = sparsity_constrained_plan(
             gates, capacity, iterations=self.sparse_ot_iterations, learning_rate=self.sparse_ot_learning_rate
         )

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import Routing
 from .losses import balance_loss, importance_loss, load_loss, z_loss
-from .ops import check_int_setting, check_rank3, float32_math, stable_top_k
+from .ops import check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
 from .router import CapacityRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
@@ -106,20 +106,19 @@ def token_choice_routing(
         num_experts: ``E``.
     """
     num_groups, group_size, k = choice.expert_index.shape
-    kept = choice.kept.reshape(-1)
-    device = choice.expert_index.device
-    group = torch.arange(num_groups, device=device).view(-1, 1, 1).expand(-1, group_size, k)
-    token = torch.arange(group_size, device=device).view(1, -1, 1).expand(num_groups, -1, k)
+    # One nonzero (a host sync on CUDA) for the five fields; entries in (group, token, choice) order.
+    kept = choice.kept.reshape(-1).nonzero().squeeze(1)
+    per_group = group_size * k
     return Routing(
         num_groups=num_groups,
         group_size=group_size,
         num_experts=num_experts,
         capacity=capacity,
-        group_index=group.reshape(-1)[kept],
-        token_index=token.reshape(-1)[kept],
-        expert_index=choice.expert_index.reshape(-1)[kept],
-        slot_index=choice.slot_index.reshape(-1)[kept],
-        combine_weight=combine_weight.reshape(-1)[kept],
+        group_index=torch.div(kept, per_group, rounding_mode="floor"),
+        token_index=torch.div(kept % per_group, k, rounding_mode="floor"),
+        expert_index=choice.expert_index.reshape(-1).index_select(0, kept),
+        slot_index=choice.slot_index.reshape(-1).index_select(0, kept),
+        combine_weight=combine_weight.reshape(-1).index_select(0, kept),
     )
 
 
@@ -183,7 +182,7 @@ class TokenChoiceRouter(CapacityRouter):
             routing = token_choice_routing(
                 choice, weights.to(x.dtype), capacity=capacity, num_experts=num_experts
             )
-            clean_gates = torch.softmax(logits, dim=-1)
+            clean_gates = softmax_experts(logits)
             makers = self.loss_terms(logits, noisy_logits, clean_gates, combine_gates)
             routing.aux_loss, routing.metrics = self.aux_loss_and_metrics(
                 makers, logits, lambda: self.metrics(routing, choice, clean_gates, k)
@@ -292,5 +291,5 @@ class SoftmaxTokenChoiceRouter(TokenChoiceRouter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # arXiv:2106.05974 Eq. 1: G(x) = TOP_k(softmax(W x + eps)); the same (noisy) gates rank
         # the experts and weight their outputs.
-        gates = torch.softmax(noisy_logits, dim=-1)
+        gates = softmax_experts(noisy_logits)
         return gates, gates
