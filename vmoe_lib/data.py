@@ -268,7 +268,7 @@ def _candidate_folders(root: str | os.PathLike | None, name: str) -> list[Path]:
     if name == "fashion_mnist":
         folders.append(_DEBIAN_FASHION_MNIST)
     folders.append(Path.home() / ".cache" / "vmoe" / name)
-    return folders
+    return list(dict.fromkeys(folders))  # each place once ("cifar10" needs no "-" variant)
 
 
 def _load_raw(name: str, root, image_size: int | None):
