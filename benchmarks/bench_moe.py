@@ -457,6 +457,7 @@ def bench_e2e(specs: list[dict[str, Any]], dev: Device, steps: int, log: Callabl
     import timm
 
     from vmoe_lib.models import flops_matched_dense, flops_per_image
+    from vmoe_lib.train import TrainConfig, make_optimizer
 
     rows = []
     for spec in specs:
@@ -471,7 +472,7 @@ def bench_e2e(specs: list[dict[str, Any]], dev: Device, steps: int, log: Callabl
         steppers = {}
         for name, model in models.items():
             model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            opt = make_optimizer(model, TrainConfig(optimizer="adamw", lr=1e-3))  # the engine's (fused) AdamW
 
             def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
                 opt.zero_grad(set_to_none=True)

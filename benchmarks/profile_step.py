@@ -113,11 +113,12 @@ def build(spec: dict[str, Any], device: torch.device) -> dict[str, nn.Module]:
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scoped: bool) -> Callable[[], None]:
-    """The book's training step (vmoe_lib.train), optionally with scopes around its parts."""
-    from timm.optim import create_optimizer_v2
+    """The book's training step (vmoe_lib.train: its optimizer, loss and clipping), optionally with scopes."""
     from torch.profiler import record_function
 
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=2e-3, weight_decay=0.05)
+    from vmoe_lib.train import TrainConfig, make_optimizer
+
+    optimizer = make_optimizer(model, TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.05))
     scope = record_function if scoped else (lambda _label: contextlib.nullcontext())
 
     def step() -> None:

@@ -479,3 +479,23 @@ def test_activated_parameters_come_from_the_layers():
 
     model = nn.Sequential(nn.Linear(4, 10), Sparse())  # 50 + 110
     assert count_parameters(model) == {"total": 160, "activated": 80}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_optimizers_use_the_fused_kernel_and_the_record_says_so(optimizer):
+    import timm
+
+    from vmoe_lib.train import make_optimizer, optimizer_impl
+
+    model = timm.create_model("vit_test_patch7_28")
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer))
+    assert optimizer_impl(opt) == "fused"  # this torch has fused AdamW/Adam/SGD on the CPU
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_the_record_names_the_optimizer_implementation(reference):
+    assert reference[0]["optimizer_impl"] == "fused"

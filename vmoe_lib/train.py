@@ -37,7 +37,8 @@ from .errors import ConfigError, check_bool, check_choice, check_positive, check
 from .layers.aux import collect_aux_loss
 from .models import create_model, list_models
 
-__all__ = ["TrainConfig", "TrainingDiverged", "train_model", "evaluate", "resolve_device", "load_data_for"]
+__all__ = ["TrainConfig", "TrainingDiverged", "train_model", "evaluate", "resolve_device", "load_data_for", "make_optimizer",
+           "optimizer_impl"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,11 +219,28 @@ def evaluate(
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # timm's param groups skip weight decay on biases, norms, position embeddings and class tokens.
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer and param groups (no weight decay on biases, norms, position embeddings, class
+    tokens), with PyTorch's fused kernel where this torch has one for the device.
+
+    The fused AdamW step is 5x faster on the CPU than the default per-parameter loop (measured:
+    0.54 vs 3.0 ms for MoE ViT-pico's 0.67M parameters, one thread), which matters most for MoE
+    models, whose experts multiply the parameter count. It rounds differently from the loop, so the
+    record names the implementation (``optimizer_impl``).
+    """
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt=config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    args = dict(opt=config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    try:
+        return create_optimizer_v2(model, fused=True, **args)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this optimizer/device in this torch
+        return create_optimizer_v2(model, **args)
+
+
+def optimizer_impl(optimizer: torch.optim.Optimizer) -> str:
+    """``"fused"``, ``"foreach"`` or ``"for-loop"``: which implementation steps ``optimizer``."""
+    defaults = getattr(optimizer, "defaults", {})
+    return "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "for-loop"
 
 
 def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -330,7 +348,7 @@ def train_model(
         if images.shape[0] > 0:
             eval_loaders[split] = BatchLoader(images, labels, batch_size=config.eval_batch_size, **loader_args)
 
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
     use_amp = config.amp and dev.type == "cuda"
@@ -457,6 +475,7 @@ def train_model(
         "extra": extra,
         "wall_time_s": state["wall_time_s"],
         "device": str(dev),
+        "optimizer_impl": optimizer_impl(optimizer),
     }
 
 
