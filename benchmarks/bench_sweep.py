@@ -28,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _record import write_record  # noqa: E402
 
 
 def _slice(chapter_name: str, preset: str, n: int):
@@ -219,11 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(report)
     print(text)
     if args.out or args.preset == "cpu":
-        out = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / "cpu" / "sweep"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-        out.with_suffix(".md").write_text(text)
-        print(f"written to {out}.json and .md")
+        write_record(Path(args.out) if args.out else ROOT / "results" / "benchmarks" / "cpu" / "sweep", report, text)
     return 0
 
 

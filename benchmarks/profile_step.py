@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _record import write_record  # noqa: E402
 
 import vmoe_lib  # noqa: E402,F401  (registers the models)
 from vmoe_lib.layers import moe as moe_module  # noqa: E402
@@ -262,11 +264,8 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {load[0]:.2f} before, {report['load_average_after'][0]:.2f} after.")
     text = markdown(rows, header)
     print(text)
-    out = ROOT / "results" / "benchmarks" / device.type / f"profile_step{'_' + args.label if args.label else ''}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text)
-    print(f"written to {out}.json and .md")
+    write_record(ROOT / "results" / "benchmarks" / device.type / f"profile_step{'_' + args.label if args.label else ''}",
+                 report, text)
     return 0
 
 
