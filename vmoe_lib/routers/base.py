@@ -36,9 +36,11 @@ class LazyMetrics(Mapping):
 
     A training step never reads a layer's routing statistics (the chapters read them once, after
     training, through :class:`vmoe_lib.layers.stats.RoutingRecorder`), so a router hands
-    ``compute`` (a function of detached tensors, run under ``torch.no_grad``) instead of the
-    values; the first read computes and keeps them. A plain ``dict`` of the values compares
-    equal to it and ``dict(metrics)`` copies it.
+    ``compute`` (a function of the forward's tensors, run under ``torch.no_grad``) instead of the
+    values; the first read computes and keeps them, and drops ``compute``. Until then the function
+    holds the forward's small routing tensors (logits, gates, indices: ``(G, S, E)`` at most, Soft
+    MoE's ``(G, S, E, P)`` weights), which an MoE layer keeps until its next forward replaces them.
+    A plain ``dict`` of the values compares equal to it and ``dict(metrics)`` copies it.
     """
 
     __slots__ = ("_compute", "_values")
