@@ -14,6 +14,7 @@ Auxiliary losses of MoE layers (any module exposing ``aux_loss``, see
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -46,21 +47,25 @@ class TrainingDiverged(RuntimeError):
 
 _OPTIMIZERS = ("adamw", "adam", "sgd")
 _NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # imagefolder: whatever image_size says
-_CHECKED_MODEL_KWARGS: dict[str, None] = {}  # (model, kwargs) already built once on the meta device
 
 
 def _check_model_kwargs(model: str, model_kwargs: dict[str, Any]) -> None:
     """Reject ``model_kwargs`` the model does not accept, when the config is made, not when the run starts.
 
-    The model is built once on the meta device (no memory, no initialisation cost); a ``TypeError``
-    (an unexpected keyword) or a :class:`ConfigError` of the model's own checks names the bad argument.
+    The model is built once per (model, kwargs) on the meta device (no memory, no initialisation
+    cost); a ``TypeError`` (an unexpected keyword) or a :class:`ConfigError` of the model's own
+    checks names the bad argument.
     """
     try:
         key = json.dumps([model, model_kwargs], sort_keys=True)
     except TypeError as err:
         raise ConfigError(f"model_kwargs={model_kwargs!r} is invalid; it must hold only JSON values ({err})") from None
-    if key in _CHECKED_MODEL_KWARGS:
-        return
+    _build_on_meta(key)
+
+
+@functools.lru_cache(maxsize=512)
+def _build_on_meta(key: str) -> None:
+    model, model_kwargs = json.loads(key)
     try:
         with torch.device("meta"):
             create_model(model, **model_kwargs)
@@ -68,9 +73,6 @@ def _check_model_kwargs(model: str, model_kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"model_kwargs={model_kwargs!r} are invalid for model={model!r}: {err}") from None
     except TypeError as err:
         raise ConfigError(f"model_kwargs={model_kwargs!r} are not accepted by model={model!r}: {err}") from None
-    if len(_CHECKED_MODEL_KWARGS) > 512:
-        _CHECKED_MODEL_KWARGS.clear()
-    _CHECKED_MODEL_KWARGS[key] = None
 
 
 @dataclass
