@@ -221,6 +221,20 @@ def evaluate(
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
 
+def moe_bypass_eval(model: nn.Module, loader: BatchLoader, *, autocast: Callable | None = None) -> dict[str, Any] | None:
+    """Test accuracy of ``model`` with every MoE layer bypassed (:func:`~vmoe_lib.models.moe_utils.bypass_moe`),
+    and which images it got right (packed bits); ``None`` for a model without MoE layers."""
+    from .layers.stats import moe_layers
+    from .models.moe_utils import bypass_moe
+    from .predictions import correct_bits
+
+    if not moe_layers(model):
+        return None
+    with bypass_moe(model):
+        accuracy, bits = correct_bits(model, loader, autocast=autocast)
+    return {"accuracy": accuracy, "correct": bits}
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """timm's optimizer and param groups (no weight decay on biases, norms, position embeddings, class
     tokens), with PyTorch's fused kernel where this torch has one for the device.
@@ -322,7 +336,9 @@ def train_model(
     Returns:
         A dict with ``history`` (per-epoch metrics), ``final`` (last epoch's losses and
         accuracies), ``costs`` (parameters, FLOPs per image), ``extra`` (``extra_eval``'s
-        output), ``wall_time_s`` and ``device``.
+        output), ``wall_time_s``, ``device`` and ``predictions`` (the final model's per-image test
+        predictions, :mod:`vmoe_lib.predictions`; ``None`` without a test split) and, for an MoE
+        model, ``moe_bypass`` (:func:`moe_bypass_eval`: test accuracy with every MoE layer bypassed).
     """
     config.validate()
     dev = resolve_device(device)
@@ -463,6 +479,13 @@ def train_model(
             shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("accuracy"))
             tqdm.write(f"{config.model} seed {seed} epoch {epoch + 1}/{config.epochs}: {shown}")
 
+    predictions = bypass = None
+    if "test" in eval_loaders:
+        from .predictions import collect_predictions, pack_predictions
+
+        predictions = pack_predictions(*collect_predictions(model, eval_loaders["test"],
+                                                            autocast=lambda: _autocast(dev, use_amp)))
+        bypass = moe_bypass_eval(model, eval_loaders["test"], autocast=lambda: _autocast(dev, use_amp))
     extra = extra_eval(model, data, dev) if extra_eval is not None else {}
     if weights_path is not None:
         from safetensors.torch import save_file
@@ -478,6 +501,8 @@ def train_model(
         "wall_time_s": state["wall_time_s"],
         "device": str(dev),
         "optimizer_impl": optimizer_impl(optimizer),
+        "predictions": predictions,
+        "moe_bypass": bypass,
     }
 
 

@@ -198,6 +198,7 @@ def run_sweep(
     workers: int | str = 1,
     executor: str = "local",
     slurm: Mapping[str, Any] | None = None,
+    record_seeds: Sequence[int] | None = None,
 ) -> ChapterResults:
     """What every chapter's ``run`` does: load the preset's results, training whatever is missing.
 
@@ -211,6 +212,8 @@ def run_sweep(
             (see :mod:`vmoe_lib.sweep`).
         slurm: options of the ``slurm`` executor.
         extra_eval, hash_extra: as in :func:`vmoe_lib.results.load_or_run`.
+        record_seeds: the seeds of record of these runs when they are not the preset's (a chapter
+            that trains some runs with fewer seeds); ``seeds=None`` then uses them.
     """
     from ..results import load_or_run
     from ..sweep import EXECUTORS, resolve_workers
@@ -222,11 +225,12 @@ def run_sweep(
     resolve_workers(workers, device)  # a bad value fails here, before anything loads
     configs = apply_overrides(experiment(preset), overrides)
     folder = results_preset(preset, overrides)
-    chosen = list(seeds) if seeds else list(p.seeds)
-    of_record = not overrides and sorted(chosen) == sorted(p.seeds)
+    own = list(record_seeds) if record_seeds is not None else list(p.seeds)
+    chosen = list(seeds) if seeds else own
+    of_record = not overrides and sorted(chosen) == sorted(own)
     results = load_or_run(chapter, folder, configs, chosen, device=device, progress=progress, extra_eval=extra_eval,
                           hash_extra=hash_extra, executor=executor, workers=workers, slurm=slurm)
     if not of_record and folder != "custom":
-        print(f"seeds {chosen} are not preset {preset!r}'s own {list(p.seeds)}: verdicts go to results/custom/{chapter}/, "
+        print(f"seeds {chosen} are not preset {preset!r}'s own {own}: verdicts go to results/custom/{chapter}/, "
               f"not to the verdicts of record", flush=True)
     return ChapterResults(chapter, folder, results, of_record=of_record)

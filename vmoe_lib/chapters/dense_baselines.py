@@ -18,6 +18,7 @@ Checks the chapter ends with (computed from the stored runs):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,46 +32,113 @@ from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
 
 NAME = "dense_baselines"
 
-# Run name -> registered timm model, per preset.
-_CPU_MODELS = {"vit_pico": "vit_pico_patch7_28", "vit_nano": "vit_nano_patch7_28", "convnext_zepto": "convnext_zepto_32"}
-_GPU_MODELS = {"vit_nano": "vit_nano_patch4_32", "vit_tiny": "vit_tiny_patch4_32", "convnext_atto": "convnext_atto_32"}
+# The MoE layer of every test-bed candidate: V-MoE's softmax token choice with k = 1 (so the
+# activated FLOPs equal the dense model's), 8 experts, routing groups of 8 images, training
+# capacity factor 1.0 and an inference capacity factor of 8 = E, at which no token is ever dropped
+# (a k = 1 token activates at most one expert at any capacity, so compute stays equal).
+TEST_BED_MOE: dict[str, Any] = {
+    "router": "softmax_token_choice", "k": 1, "num_experts": 8, "group_size": 8, "capacity_factor": 1.0,
+    "eval_capacity_factor": 8.0, "router_options": {"capacity_multiple": 1},
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One test-bed candidate: a dense model and its MoE version trained with the same recipe.
+
+    ``placement`` is the MoE model's ``moe_layers``; ``epochs`` the training length of both.
+    """
+
+    name: str
+    family: str  # "vit" | "convnext"
+    dense: str
+    placement: Any
+    epochs: int
+
+    @property
+    def dense_run(self) -> str:
+        return f"{self.dense_key}_e{self.epochs}"
+
+    @property
+    def dense_key(self) -> str:
+        return self.dense.split("_patch")[0].replace("_32", "")
+
+    @property
+    def moe_run(self) -> str:
+        return f"moe_{self.name}"
+
+
+def _candidates(vit: str, convnext: str, vit_epochs: Sequence[int], conv_epochs: Sequence[int]) -> tuple[Candidate, ...]:
+    out = [Candidate(f"{vit.split('_patch')[0]}_{tag}_e{e}", "vit", vit, placement, e)
+           for e in vit_epochs for tag, placement in (("last2", "last-2"), ("all", "all"))]
+    out += [Candidate(f"{convnext.replace('_32', '')}_s2every2_e{e}", "convnext", convnext, "s2:every-2", e)
+            for e in conv_epochs]
+    return tuple(out)
+
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
-        description="every code path on 2,048 Fashion-MNIST images, 1 epoch, 2 seeds (CI)",
+        description="every code path: 2 test-bed candidates on 2,048 Fashion-MNIST images, 1 epoch, 2 seeds (CI)",
         hardware="CPU, 2 cores",
-        expected_minutes=1.0,
+        expected_minutes=1.5,
         seeds=(0, 1),
-        settings={"models": _CPU_MODELS, "epochs": 1, **SMOKE_DATA},
+        settings={"candidates": (Candidate("vit_pico_last2_e1", "vit", "vit_pico_patch7_28", "last-2", 1),
+                                 Candidate("convnext_zepto_s2every2_e1", "convnext", "convnext_zepto_32", "s2:every-2", 1)),
+                  **SMOKE_DATA},
     ),
     "cpu": Preset(
         name="cpu",
-        description="Fashion-MNIST 28x28 (32x32 for ConvNeXt), 55k train images, 4 epochs, 3 seeds",
-        hardware="CPU, 2 cores, fp32 (time: idle-machine estimate from the recorded best-epoch speed)",
-        expected_minutes=35.0,
-        seeds=(0, 1, 2),
-        settings={"models": _CPU_MODELS, "epochs": 4},
+        description="test-bed calibration on Fashion-MNIST (55k train images): ViT-pico dense vs MoE "
+                    "(Last-2 or all 4 blocks MoE) at 3 and 6 epochs, 6 seeds; ConvNeXt-zepto dense vs MoE "
+                    "(stage 3, every 2nd block) at 3 epochs, 4 seeds",
+        hardware="CPU, 2 cores, 2 workers x 1 thread, pinned numerics",
+        expected_minutes=80.0,
+        seeds=(0, 1, 2, 3, 4, 5),
+        settings={"candidates": _candidates("vit_pico_patch7_28", "convnext_zepto_32", (3, 6), (3,)),
+                  "seeds_by_family": {"convnext": (0, 1, 2, 3)}},
     ),
     "gpu": Preset(
         name="gpu",
-        description="CIFAR-10 32x32, 45k train images, 50 epochs, 3 seeds (needs CIFAR-10: see the data section)",
+        description="test-bed calibration on CIFAR-10 (45k train images): ViT-nano/4 dense vs MoE (Last-2 or all) "
+                    "and ConvNeXt-atto dense vs MoE at 50 epochs, 6 seeds (needs CIFAR-10: see the data section)",
         hardware="1 GPU (estimated, not yet measured), bf16 autocast",
-        expected_minutes=40.0,
-        seeds=(0, 1, 2),
-        settings={"models": _GPU_MODELS, "epochs": 50},
+        expected_minutes=150.0,
+        seeds=(0, 1, 2, 3, 4, 5),
+        settings={"candidates": _candidates("vit_nano_patch4_32", "convnext_atto_32", (50,), (50,))},
     ),
 }
 
 
+def candidates(preset: str) -> tuple[Candidate, ...]:
+    """The test-bed candidates of a preset."""
+    return tuple(select_preset(PRESETS, preset).settings["candidates"])
+
+
 def experiment(preset: str) -> dict[str, TrainConfig]:
-    """The sweep of a preset: run name -> config."""
+    """The sweep of a preset: run name -> config (each candidate's dense model, once per epoch count, and its MoE model)."""
     p = select_preset(PRESETS, preset)
-    s = dict(p.settings)
-    models, epochs = s.pop("models"), s.pop("epochs")
-    if preset == "gpu":
-        return {name: cifar_recipe(model, epochs=epochs, **s) for name, model in models.items()}
-    return {name: fashion_mnist_recipe(model, epochs=epochs, **s) for name, model in models.items()}
+    s = {k: v for k, v in p.settings.items() if k not in ("candidates", "seeds_by_family")}
+    out: dict[str, TrainConfig] = {}
+    for c in p.settings["candidates"]:
+        moe_kwargs = {"moe_layers": c.placement, **TEST_BED_MOE}
+        if preset == "gpu":
+            dense = cifar_recipe(c.dense, epochs=c.epochs, **s)
+            moe = cifar_recipe(f"vmoe_{c.dense}", epochs=c.epochs, model_kwargs=moe_kwargs, **s)
+        else:
+            dense = fashion_mnist_recipe(c.dense, epochs=c.epochs, **s)
+            moe = fashion_mnist_recipe(f"vmoe_{c.dense}", epochs=c.epochs, model_kwargs=moe_kwargs, **s)
+        out.setdefault(c.dense_run, dense)
+        out[c.moe_run] = moe
+    return out
+
+
+def seeds_of(preset: str, run_name: str) -> tuple[int, ...]:
+    """The seeds a run of the preset is trained with (ConvNeXt runs may use fewer, see the preset)."""
+    p = select_preset(PRESETS, preset)
+    by_family = p.settings.get("seeds_by_family", {})
+    family = "convnext" if "convnext" in experiment(preset)[run_name].model else "vit"
+    return tuple(by_family.get(family, p.seeds))
 
 
 def run(
@@ -83,10 +151,20 @@ def run(
 ) -> ChapterResults:
     """Load the preset's results, training whatever is missing (unless results are required).
 
+    With ``seeds=None`` each run gets its seeds of record (:func:`seeds_of`); a seed list applies to every run.
     ``sweep`` holds :func:`~vmoe_lib.chapters.base.run_sweep`'s ``workers``, ``executor`` and ``slurm``.
     """
-    return run_sweep(NAME, PRESETS, experiment, preset, seeds=seeds, device=device, overrides=overrides,
-                     progress=progress, **run_options(preset), **sweep)
+    configs = experiment(preset)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name in configs:
+        groups.setdefault(seeds_of(preset, name), []).append(name)
+    parts = []
+    for own, names in groups.items():
+        parts.append(run_sweep(NAME, PRESETS, lambda p, names=names: {n: experiment(p)[n] for n in names}, preset,
+                               seeds=seeds, device=device, overrides=overrides, progress=progress, record_seeds=own,
+                               **run_options(preset), **sweep))
+    return ChapterResults(NAME, parts[0].preset, [r for part in parts for r in part.results],
+                          of_record=all(part.of_record for part in parts))
 
 
 def run_options(preset: str) -> dict[str, Any]:

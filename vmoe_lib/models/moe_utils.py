@@ -3,7 +3,8 @@
 * :func:`replace_mlps` swaps the MLP of chosen blocks for :class:`~vmoe_lib.layers.MoEMlp`
   after the model is built (works on every timm >= 1.0: no model code is copied).
 * :func:`set_routing` changes routing settings of a built model (inference experiments:
-  lower the eval capacity, switch batch priority on, change ``k``).
+  lower the eval capacity, switch batch priority on, change ``k``); :func:`bypass_moe` removes
+  every MoE layer's output for a while (the positive control "do the experts carry weight?").
 * :func:`count_parameters` and :func:`flops_per_image` give total and activated
   parameters and FLOPs; :func:`flops_matched_dense` builds the dense model with the same
   activated FLOPs, for fair comparisons.
@@ -13,11 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "split_moe_kwargs",
     "replace_mlps",
     "set_routing",
+    "bypass_moe",
     "count_parameters",
     "flops_per_image",
     "flops_matched_dense",
@@ -243,6 +246,27 @@ def set_routing(model: nn.Module, **settings: Any) -> nn.Module:
         for r in routers:
             setattr(r, key, value)
     return model
+
+
+@contextlib.contextmanager
+def bypass_moe(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the ``with`` block every MoE layer of ``model`` outputs zeros: each token passes its MoE
+    block on the residual stream alone, as a dropped token does.
+
+    The accuracy lost this way is the weight the experts carry (a chapter's positive control): if it
+    is near zero, a claim about how tokens are routed cannot be tested on that model. In a ViT block
+    only the MLP half goes (attention stays); in a ConvNeXt block the whole residual branch goes,
+    since its depthwise convolution feeds only the MLP. A model without MoE layers is rejected.
+    """
+    layers = [layer for _, layer in moe_layers(model)]
+    if not layers:
+        raise ConfigError("bypass_moe: the model has no MoE layers")
+    handles = [layer.register_forward_hook(lambda module, args, out: torch.zeros_like(out)) for layer in layers]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------- parameters & FLOPs
