@@ -27,7 +27,7 @@ from scipy import stats
 
 from .results import RunResult
 
-__all__ = ["Comparison", "Verdict", "compare", "compare_paired", "decide", "describe_comparison", "runs_table", "summary_table", "final_metric", "write_verdicts", "verdict_table"]
+__all__ = ["correct_of", "Comparison", "Verdict", "compare", "compare_paired", "decide", "describe_comparison", "runs_table", "summary_table", "final_metric", "write_verdicts", "verdict_table"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
@@ -128,6 +128,17 @@ class Verdict:
     why: str
     values: dict[str, list[float]] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
+
+
+def correct_of(result: RunResult) -> np.ndarray:
+    """Which test images the run's final model classified correctly (from its stored predictions)."""
+    from .predictions import unpack_predictions
+
+    stored = result.record.get("predictions")
+    if not stored:
+        raise ValueError(f"run {result.name} seed {result.seed} stores no per-image predictions (a record made "
+                         f"before they were stored); regenerate it: {result.manifest.get('regenerate', '')}")
+    return unpack_predictions(stored).correct
 
 
 def final_metric(result: RunResult, metric: str = "test_accuracy") -> float:

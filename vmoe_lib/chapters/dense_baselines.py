@@ -1,18 +1,29 @@
-"""Chapter 0 — dense baselines: the ViTs and ConvNeXts every MoE chapter compares against.
+"""Chapter 0 — dense baselines and the test bed every MoE chapter trains on.
 
-No paper of the book publishes dense baselines at our scale (V-MoE trains no
-dense ImageNet-1k model either), so the book trains its own: tiny ViTs (where
-MoE layers are reported to help most, arXiv:2411.18322) and a tiny ConvNeXt,
-on Fashion-MNIST on a 2-core CPU (``cpu``) or CIFAR-10 on a GPU (``gpu``).
+No paper of the book publishes baselines at our scale, so the book trains its own dense models
+and, with them, calibrates the **test bed**: the cheapest setting in which MoE layers carry
+measurable weight and seeds agree. Each candidate is a dense model and its MoE version (V-MoE's
+softmax token choice, k = 1, 8 experts: the same activated FLOPs), trained with the same recipe
+and seeds. For each candidate the chapter measures, from the stored runs:
 
-Checks the chapter ends with (computed from the stored runs):
+* the seed sd of test accuracy (dense and MoE);
+* the MoE-vs-dense gain, paired by seed (same data order);
+* the positive control: the accuracy lost when every MoE layer is bypassed at inference
+  (:func:`~vmoe_lib.models.moe_utils.bypass_moe`) — the weight the experts carry;
+* the CPU minutes per run with the parallel executor.
 
-* ``scale`` — the larger dense ViT is more accurate than the smaller one;
-* ``convnet_prior`` — on a small dataset a ConvNeXt beats a ViT of no more
-  compute (ViT, Dosovitskiy et al., arXiv:2010.11929, Sec. 4: ViTs lack the
-  convolutional inductive biases and underperform CNNs when data is small);
-* ``resolution`` — how small a difference the seeds can resolve, against the
-  +0.5-1 point gains reported for tiny MoE models (arXiv:2411.18322).
+The test bed of record is chosen by :func:`choose_test_bed`, a rule fixed before the runs were
+read: among the ViT candidates whose positive control is reproduced, the one with the highest
+resolution per CPU hour, ``gain / sd / sqrt(hours per run)`` (the t-statistic a paired comparison
+reaches per square root of CPU hour); ConvNeXt likewise among its candidates.
+
+Claims (pre-registered as :data:`CLAIMS`, decided by :mod:`vmoe_lib.stats`):
+
+* ``experts_carry_weight_<candidate>`` — bypassing the MoE layers costs at least 1 point
+  (positive control of the candidate; per-image McNemar pooled over seeds);
+* ``moe_vs_dense_<candidate>`` — the MoE model beats its dense model at equal activated FLOPs
+  (V-MoE; the sweet-spot study's +0.5-1 point for tiny models), paired by seed;
+* ``convnet_prior`` — on small data a ConvNeXt beats a ViT trained as long (ViT, Sec. 4).
 """
 
 from __future__ import annotations
@@ -21,11 +32,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from ..analysis import Verdict, compare, decide, describe_comparison, summary_table, write_verdicts
+from ..analysis import correct_of, summary_table
+from ..plots import _color, style
+from ..predictions import unpack_bits
+from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
 from ..train import TrainConfig
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
 from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
@@ -201,67 +217,211 @@ def model_table(results: ChapterResults) -> pd.DataFrame:
 
 
 
-def verdicts(results: ChapterResults, *, write: bool = True) -> list[Verdict]:
-    """The chapter's checks, computed from its runs (and written to ``verdicts.json``)."""
-    groups = results.by_name()
-    costs = {name: runs[0].record["costs"]["flops_per_image"] for name, runs in groups.items()}
-    vits = sorted((n for n in groups if n.startswith("vit")), key=costs.get)
-    convs = [n for n in groups if n.startswith("convnext")]
-    out: list[Verdict] = []
-    n_seeds = min(len(v) for v in groups.values())
-    why_scale = f"{n_seeds} seed(s); {results.preset} budget ({results.results[0].config.epochs} epochs)"
+# ----------------------------------------------------------------------------------- claims
+FAMILY = NAME
+CONTROL_MIN_EFFECT = 1.0
+GAIN_MIN_EFFECT = 0.5
 
-    if len(vits) >= 2:
-        small, large = vits[0], vits[-1]
-        c = compare(results.values(large), results.values(small))
-        v = decide(c)
-        out.append(Verdict(
-            claim_id="scale",
-            claim=f"The larger dense ViT ({large}) is more accurate than the smaller ({small})",
-            source="ViT scaling (Zhai et al., arXiv:2106.04560)",
-            paper_evidence="accuracy rises with model size at fixed data",
-            measurement="test acc. " + describe_comparison(c),
-            verdict=v,
-            why=why_scale,
-            values={large: results.values(large), small: results.values(small)},
-            statistics=c.__dict__,
+
+def claims(preset: str) -> list[Claim]:
+    """The chapter's claims for a preset, declared before any result is read."""
+    out: list[Claim] = []
+    for c in candidates(preset):
+        control = f"experts_carry_weight_{c.name}"
+        out.append(Claim(
+            id=control,
+            claim=f"Bypassing every MoE layer of {c.moe_run} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
+            source="positive control (resolution issue): the weight the experts carry",
+            contrast=f"{c.moe_run} vs the same models with MoE layers bypassed", test="mcnemar",
+            min_effect=CONTROL_MIN_EFFECT,
+            min_effect_why="the papers' routing effects are 0.3-1 point; experts that carry less than 1 point cannot show them",
+            family=f"{FAMILY}:controls", paired=True,
         ))
-    if convs and vits:
-        conv = convs[0]
-        cheaper = [n for n in vits if costs[n] <= costs[conv]] or vits[:1]
-        vit = max(cheaper, key=lambda n: np.mean(results.values(n)))
-        c = compare(results.values(conv), results.values(vit))
-        out.append(Verdict(
-            claim_id="convnet_prior",
-            claim=f"On small data a ConvNeXt ({conv}) beats the best ViT of no more FLOPs ({vit})",
-            source="ViT (Dosovitskiy et al., arXiv:2010.11929, Sec. 4)",
-            paper_evidence="ViTs underperform CNNs when pre-trained on small datasets",
-            measurement=f"test acc. {describe_comparison(c)}; FLOPs {costs[conv] / 1e6:.1f}M vs {costs[vit] / 1e6:.1f}M",
-            verdict=decide(c),
-            why=why_scale,
-            values={conv: results.values(conv), vit: results.values(vit)},
-            statistics=c.__dict__,
+        out.append(Claim(
+            id=f"moe_vs_dense_{c.name}",
+            claim=f"The MoE model ({c.moe_run}) beats its dense model ({c.dense_run}) at equal activated FLOPs",
+            source="V-MoE (Riquelme et al., arXiv:2106.05974, Sec. 3); sweet-spot study (arXiv:2411.18322, Sec. 4)",
+            contrast=f"{c.moe_run} vs {c.dense_run}", test="paired_t", min_effect=GAIN_MIN_EFFECT,
+            min_effect_why="tiny MoE ViTs gain +0.5 to +1 point over dense ones (arXiv:2411.18322); the low end",
+            family=FAMILY, paired=True, control=control,
         ))
-    stds = {n: float(np.std(results.values(n), ddof=1)) for n in groups if len(groups[n]) > 1}
-    if stds:
-        pooled = float(np.sqrt(np.mean(np.square(list(stds.values())))))
-        n = n_seeds
-        dof = max(1, 2 * n - 2)
-        # Smallest mean difference a one-sided Welch test (alpha 0.05) flags with n seeds per arm, at this spread.
-        detectable = float(stats.t.ppf(0.95, dof) * pooled * np.sqrt(2.0 / n))
-        verdict = "holds" if detectable <= 0.005 else ("does not hold" if detectable > 0.01 else "partly")
-        out.append(Verdict(
-            claim_id="resolution",
-            claim=f"With {n} seeds, the baselines resolve the +0.5-1 point gains reported for tiny MoE models",
-            source="Sweet-spot study (Videau et al., arXiv:2411.18322)",
-            paper_evidence="MoE gains of about +0.5 to +1 point for tiny/small models",
-            measurement=f"seed std {pooled * 100:.2f} points (pooled); smallest resolvable gain {detectable * 100:.2f} points",
-            verdict=verdict,
-            why="holds: <= 0.5 point; partly: 0.5-1 point; does not hold: > 1 point",
-            values={name: results.values(name) for name in stds},
-            statistics={"pooled_std": pooled, "detectable_difference": detectable, "seeds": n},
+    vit = [c for c in candidates(preset) if c.family == "vit"]
+    conv = [c for c in candidates(preset) if c.family == "convnext"]
+    if vit and conv:
+        v, k = vit[0], conv[0]
+        out.append(Claim(
+            id="convnet_prior",
+            claim=f"On small data a ConvNeXt ({k.dense_run}) beats a ViT trained as long ({v.dense_run})",
+            source="ViT (Dosovitskiy et al., arXiv:2010.11929, Sec. 4.2 and Fig. 3)",
+            contrast=f"{k.dense_run} vs {v.dense_run}", test="paired_t", min_effect=1.0,
+            min_effect_why="ViT's Fig. 3: ResNets lead ViTs by several points when pre-trained on the smallest sets; "
+                           "1 point is a conservative floor",
+            family=FAMILY, paired=True,
         ))
-    if write:
-        write_verdicts(out, results.verdicts_path())
     return out
 
+
+def _bypass_correct(result) -> np.ndarray:
+    stored = result.record.get("moe_bypass")
+    if not stored:
+        raise ValueError(f"run {result.name} seed {result.seed} stores no MoE-bypass evaluation")
+    return unpack_bits(stored["correct"])
+
+
+def _paired(results: ChapterResults, a: str, b: str) -> tuple[list[float], list[float]]:
+    """Values of runs ``a`` and ``b`` on the seeds both have, in seed order."""
+    va = {r.seed: r.final["test_accuracy"] for r in results.results if r.name == a}
+    vb = {r.seed: r.final["test_accuracy"] for r in results.results if r.name == b}
+    seeds = sorted(set(va) & set(vb))
+    return [va[x] for x in seeds], [vb[x] for x in seeds]
+
+
+def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
+    """Each declared claim's test on the stored runs (``None`` where its runs are missing)."""
+    groups = results.by_name()
+    out: dict[str, TestResult | None] = {}
+    for c in candidates(results_preset_name(results)):
+        runs = groups.get(c.moe_run, [])
+        control = f"experts_carry_weight_{c.name}"
+        out[control] = mcnemar(np.stack([correct_of(r) for r in runs]), np.stack([_bypass_correct(r) for r in runs])) if runs else None
+        a, b = _paired(results, c.moe_run, c.dense_run)
+        out[f"moe_vs_dense_{c.name}"] = paired_t(a, b) if len(a) >= 2 else None
+    for claim in claims(results_preset_name(results)):
+        if claim.id == "convnet_prior":
+            conv, vit = claim.contrast.split(" vs ")
+            a, b = _paired(results, conv, vit)
+            out[claim.id] = paired_t(a, b) if len(a) >= 2 else None
+    return out
+
+
+def results_preset_name(results: ChapterResults) -> str:
+    """The preset whose sweep these results are (``custom`` results: the preset their runs match)."""
+    if results.preset in PRESETS:
+        return results.preset
+    names = {r.name for r in results.results}
+    for name in PRESETS:
+        if names <= set(experiment(name)):
+            return name
+    raise ValueError(f"results of preset {results.preset!r} match no preset's sweep")
+
+
+def verdicts(results: ChapterResults, *, write: bool = True) -> list[VerdictRecord]:
+    """The chapter's claims decided by the book's rule (and written to ``verdicts.json``)."""
+    out = decide_family(claims(results_preset_name(results)), test_results(results))
+    if write:
+        write_verdict_records(out, results.verdicts_path())
+    return out
+
+
+# ----------------------------------------------------------------------------------- calibration
+def _train_minutes(result) -> float:
+    return float(result.record["wall_time_s"]) / 60
+
+
+def calibration_frame(results: ChapterResults) -> pd.DataFrame:
+    """One row per candidate: seeds, accuracies, seed sds, gain, positive control, CPU cost and resolution.
+
+    * ``sd`` columns: sample sd over seeds (points); ``sd of gain``: of the per-seed MoE - dense difference;
+    * ``bypass loss``: MoE accuracy minus its accuracy with every MoE layer bypassed (mean over seeds);
+    * ``min / run``: wall minutes of one run (mean of the MoE and dense runs) as the sweep ran them;
+    * ``resolution / sqrt(CPU h)``: ``gain / sd(MoE) / sqrt(hours per MoE run)``.
+    """
+    groups = results.by_name()
+    rows = {}
+    for c in candidates(results_preset_name(results)):
+        moe, dense = groups.get(c.moe_run, []), groups.get(c.dense_run, [])
+        if not moe or not dense:
+            continue
+        a, b = _paired(results, c.moe_run, c.dense_run)
+        acc_m = np.array([r.final["test_accuracy"] for r in moe]) * 100
+        acc_d = np.array([r.final["test_accuracy"] for r in dense]) * 100
+        bypass = np.array([r.record["moe_bypass"]["accuracy"] for r in moe]) * 100
+        gain = (np.array(a) - np.array(b)) * 100
+        sd_m = float(acc_m.std(ddof=1)) if acc_m.size > 1 else float("nan")
+        minutes = float(np.mean([_train_minutes(r) for r in moe]))
+        rows[c.name] = {
+            "family": c.family, "MoE blocks": str(c.placement), "epochs": c.epochs, "seeds": len(moe),
+            "dense acc. (%)": acc_d.mean(), "sd dense": float(acc_d.std(ddof=1)) if acc_d.size > 1 else float("nan"),
+            "MoE acc. (%)": acc_m.mean(), "sd MoE": sd_m,
+            "gain (points)": float(gain.mean()), "sd of gain": float(gain.std(ddof=1)) if gain.size > 1 else float("nan"),
+            "bypass loss (points)": float((acc_m - bypass).mean()),
+            "min / run (MoE)": minutes, "min / run (dense)": float(np.mean([_train_minutes(r) for r in dense])),
+            "resolution / sqrt(CPU h)": float(gain.mean() / sd_m / math.sqrt(minutes / 60)) if sd_m > 0 else float("nan"),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def calibration_table(results: ChapterResults) -> pd.DataFrame:
+    """:func:`calibration_frame` rounded for reading, with each candidate's control verdict."""
+    df = calibration_frame(results)
+    if df.empty:
+        return df
+    verdict = {v.claim_id: v.verdict for v in verdicts(results, write=False)}
+    df["control"] = [verdict.get(f"experts_carry_weight_{n}", "—") for n in df.index]
+    return df.round({c: 2 for c in df.columns if df[c].dtype.kind == "f"})
+
+
+def choose_test_bed(results: ChapterResults) -> dict[str, str | None]:
+    """The rule fixed before the runs were read: per family (ViT, ConvNeXt), among the candidates
+    whose positive control is reproduced, the highest ``resolution / sqrt(CPU h)``; when no
+    candidate passes its control, the one that loses most when bypassed (and the chapter says so)."""
+    df = calibration_frame(results)
+    verdict = {v.claim_id: v.verdict for v in verdicts(results, write=False)}
+    out: dict[str, str | None] = {}
+    for family in ("vit", "convnext"):
+        sub = df[df["family"] == family]
+        if sub.empty:
+            out[family] = None
+            continue
+        passed = [n for n in sub.index if verdict.get(f"experts_carry_weight_{n}") == "reproduced"]
+        if passed:
+            out[family] = str(sub.loc[passed, "resolution / sqrt(CPU h)"].idxmax())
+        else:
+            out[family] = str(sub["bypass loss (points)"].idxmax())
+    return out
+
+
+def power_frame(results: ChapterResults, target: float = 0.5) -> pd.DataFrame:
+    """The chapter's power table: for each arm's seed sd (unpaired) and each candidate's sd of the
+    paired gain, the minimal detectable effect (points, one-sided alpha 0.05, 80 % power) at several
+    seed counts, and the seeds an MDE of ``target`` points needs."""
+    df = calibration_frame(results)
+    sds: dict[str, tuple[float, bool]] = {}
+    for name, row in df.iterrows():
+        for label, col, paired in (("dense, unpaired", "sd dense", False), ("MoE, unpaired", "sd MoE", False),
+                                   ("MoE - dense, paired", "sd of gain", True)):
+            if np.isfinite(row[col]):
+                sds[f"{name}: {label}"] = (float(row[col]), paired)
+    return power_table(sds, target=target) if sds else pd.DataFrame()
+
+
+def plot_calibration(results: ChapterResults):
+    """Per candidate: the MoE gain over dense and the accuracy lost when the MoE layers are bypassed
+    (points; dots: seeds, bar: mean), with each candidate's CPU minutes per MoE run."""
+    style()
+    df = calibration_frame(results)
+    groups = results.by_name()
+    cands = [c for c in candidates(results_preset_name(results)) if c.name in df.index]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
+    labels = []
+    for i, c in enumerate(cands):
+        a, b = _paired(results, c.moe_run, c.dense_run)
+        gain = (np.array(a) - np.array(b)) * 100
+        moe = groups[c.moe_run]
+        loss = np.array([r.final["test_accuracy"] - r.record["moe_bypass"]["accuracy"] for r in moe]) * 100
+        for ax, values in ((axes[0], gain), (axes[1], loss)):
+            ax.bar(i, values.mean(), color=_color(i), alpha=0.35, width=0.6)
+            ax.scatter(np.full(values.size, i) + np.linspace(-0.12, 0.12, values.size), values, color=_color(i), s=18, zorder=3)
+        labels.append(f"{c.name}\n{df.loc[c.name, 'min / run (MoE)']:.1f} min/run")
+    axes[0].axhline(GAIN_MIN_EFFECT, color="0.4", ls="--", lw=1, label=f"smallest gain of interest ({GAIN_MIN_EFFECT:g})")
+    axes[1].axhline(CONTROL_MIN_EFFECT, color="0.4", ls="--", lw=1, label=f"control threshold ({CONTROL_MIN_EFFECT:g})")
+    for ax in axes:
+        ax.axhline(0, color="0.2", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("MoE - dense test accuracy (points)")
+    axes[0].set_title("MoE gain at equal activated FLOPs (paired by seed)")
+    axes[1].set_ylabel("accuracy lost with MoE layers bypassed (points)")
+    axes[1].set_title("Positive control: the weight the experts carry")
+    fig.tight_layout()
+    return fig
