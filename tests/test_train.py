@@ -499,3 +499,27 @@ def test_optimizers_use_the_fused_kernel_and_the_record_says_so(optimizer):
 
 def test_the_record_names_the_optimizer_implementation(reference):
     assert reference[0]["optimizer_impl"] == "fused"
+
+
+def test_record_stores_the_final_models_per_image_predictions(reference):
+    from vmoe_lib.predictions import unpack_predictions
+
+    record, _ = reference
+    stored = record["predictions"]
+    preds = unpack_predictions(stored)
+    assert len(preds) == 100  # eval_subset of the test split
+    # the stored correctness reproduces the final test accuracy exactly, and p_true is a probability
+    assert preds.accuracy == pytest.approx(record["final"]["test_accuracy"])
+    assert ((preds.p_true >= 0) & (preds.p_true <= 1)).all()
+    assert record["moe_bypass"] is None  # a dense model has nothing to bypass
+
+
+def test_moe_record_stores_the_bypass_control():
+    from vmoe_lib.predictions import unpack_bits
+
+    config = TrainConfig(**{**TINY, "model": "vmoe_vit_test_patch7_28", "epochs": 1,
+                            "model_kwargs": {"num_experts": 4, "k": 1, "moe_layers": "all"}})
+    record = train_model(config, 0, device="cpu", progress=False)
+    bypass = record["moe_bypass"]
+    assert 0.0 <= bypass["accuracy"] <= 1.0
+    assert unpack_bits(bypass["correct"]).mean() == pytest.approx(bypass["accuracy"])

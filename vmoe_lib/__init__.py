@@ -6,18 +6,20 @@ The book's chapters call this one namespace (``import vmoe_lib as vl``):
 * ``vl.models`` — dense and MoE backbones registered with timm;
 * ``vl.train`` — :class:`~vmoe_lib.train.TrainConfig` and :func:`~vmoe_lib.train.train_model`;
 * ``vl.results`` — :func:`~vmoe_lib.results.load_or_run`, the results of record;
-* ``vl.analysis`` and ``vl.plots`` — tables, verdicts and figures;
+* ``vl.analysis`` and ``vl.plots`` — tables and figures;
+* ``vl.stats`` — pre-registered claims, their tests and the rule that decides them;
+* ``vl.predictions`` — per-image test predictions stored with every run;
 * ``vl.chapters`` — one experiment module per chapter (presets, sweep, analysis).
 """
 
 from ._version import __version__
-from . import errors, models, data, costs, train, results, analysis, plots, chapters
+from . import errors, models, data, costs, train, results, predictions, stats, analysis, plots, chapters
 from .models import create_model, list_models
 from .train import TrainConfig, train_model
 from .results import load_or_run
 
 __all__ = [
     "__version__",
-    "errors", "models", "data", "costs", "train", "results", "analysis", "plots", "chapters",
+    "errors", "models", "data", "costs", "train", "results", "predictions", "stats", "analysis", "plots", "chapters",
     "create_model", "list_models", "TrainConfig", "train_model", "load_or_run",
 ]

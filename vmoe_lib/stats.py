@@ -458,7 +458,10 @@ def decide_family(claims: Sequence[Claim], results: Mapping[str, TestResult | No
     out = []
     for c in claims:
         r = results.get(c.id)
-        verdict, why = decide(c, r, p_holm.get(c.id), verdicts.get(c.control) if c.control else None)
+        control_verdict = verdicts.get(c.control) if c.control else None
+        if c.control and results.get(c.control) is None:
+            control_verdict = "not measured in these runs"
+        verdict, why = decide(c, r, p_holm.get(c.id), control_verdict)
         out.append(VerdictRecord(
             claim_id=c.id, claim=c.claim, source=c.source, contrast=c.contrast, metric=c.metric, direction=c.direction,
             min_effect=c.min_effect, paired=c.paired, test=c.test, family=c.family,

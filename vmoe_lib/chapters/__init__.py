@@ -8,9 +8,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import check_choice
-from . import dense_baselines, routers_bpr
+from . import recipes, dense_baselines, routers_bpr
 
-__all__ = ["CHAPTERS", "get_chapter", "dense_baselines", "routers_bpr"]
+__all__ = ["CHAPTERS", "get_chapter", "recipes", "dense_baselines", "routers_bpr"]
 
 CHAPTERS: dict[str, ModuleType] = {
     dense_baselines.NAME: dense_baselines,

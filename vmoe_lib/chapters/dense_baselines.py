@@ -29,7 +29,6 @@ Claims (pre-registered as :data:`CLAIMS`, decided by :mod:`vmoe_lib.stats`):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import math
@@ -44,45 +43,9 @@ from ..predictions import unpack_bits
 from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
 from ..train import TrainConfig
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
-from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
+from .recipes import SMOKE_DATA, TEST_BED_MOE, Candidate, cifar_recipe, fashion_mnist_recipe
 
 NAME = "dense_baselines"
-
-# The MoE layer of every test-bed candidate: V-MoE's softmax token choice with k = 1 (so the
-# activated FLOPs equal the dense model's), 8 experts, routing groups of 8 images, training
-# capacity factor 1.0 and an inference capacity factor of 8 = E, at which no token is ever dropped
-# (a k = 1 token activates at most one expert at any capacity, so compute stays equal).
-TEST_BED_MOE: dict[str, Any] = {
-    "router": "softmax_token_choice", "k": 1, "num_experts": 8, "group_size": 8, "capacity_factor": 1.0,
-    "eval_capacity_factor": 8.0, "router_options": {"capacity_multiple": 1},
-}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One test-bed candidate: a dense model and its MoE version trained with the same recipe.
-
-    ``placement`` is the MoE model's ``moe_layers``; ``epochs`` the training length of both.
-    """
-
-    name: str
-    family: str  # "vit" | "convnext"
-    dense: str
-    placement: Any
-    epochs: int
-
-    @property
-    def dense_run(self) -> str:
-        return f"{self.dense_key}_e{self.epochs}"
-
-    @property
-    def dense_key(self) -> str:
-        return self.dense.split("_patch")[0].replace("_32", "")
-
-    @property
-    def moe_run(self) -> str:
-        return f"moe_{self.name}"
-
 
 def _candidates(vit: str, convnext: str, vit_epochs: Sequence[int], conv_epochs: Sequence[int]) -> tuple[Candidate, ...]:
     out = [Candidate(f"{vit.split('_patch')[0]}_{tag}_e{e}", "vit", vit, placement, e)
@@ -425,3 +388,49 @@ def plot_calibration(results: ChapterResults):
     axes[1].set_title("Positive control: the weight the experts carry")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------- findings
+def findings(results: ChapterResults) -> str:
+    """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
+    df = calibration_frame(results)
+    if df.empty:
+        return "* No candidate has both its dense and its MoE runs stored."
+    chosen = choose_test_bed(results)
+    verdict = {v.claim_id: v for v in verdicts(results, write=False)}
+    lines = []
+    for name, row in df.iterrows():
+        control = verdict.get(f"experts_carry_weight_{name}")
+        gain = verdict.get(f"moe_vs_dense_{name}")
+        lines.append(
+            f"**{name}** ({row['seeds']} seeds, {row['min / run (MoE)']:.1f} min per MoE run): MoE {row['MoE acc. (%)']:.2f}% "
+            f"(sd {row['sd MoE']:.2f}) vs dense {row['dense acc. (%)']:.2f}% (sd {row['sd dense']:.2f}); gain "
+            f"{row['gain (points)']:+.2f} points ({gain.verdict if gain else '—'}); bypassing the MoE layers costs "
+            f"{row['bypass loss (points)']:.2f} points (control {control.verdict if control else '—'})."
+        )
+    for family, name in chosen.items():
+        if name is None:
+            continue
+        row = df.loc[name]
+        passed = verdict.get(f"experts_carry_weight_{name}")
+        how = ("the highest resolution per CPU hour among the candidates whose control is reproduced"
+               if passed and passed.verdict == "reproduced" else
+               "no candidate passed its control, so the one whose experts carry the most weight")
+        n_unpaired = seeds_for_mde_or_none(float(row["sd MoE"]), paired=False)
+        n_paired = seeds_for_mde_or_none(float(row["sd of gain"]), paired=True)
+        lines.append(
+            f"**Test bed ({family}): {name}** — {how}. At its seed sd, an MoE-vs-MoE contrast needs "
+            f"{n_unpaired} seeds per arm unpaired and {n_paired} paired (sd of paired differences as measured for "
+            f"MoE - dense) for a minimal detectable effect of {GAIN_MIN_EFFECT:g} point."
+        )
+    return "\n".join(f"* {line}" for line in lines)
+
+
+def seeds_for_mde_or_none(sd: float, *, paired: bool, target: float = GAIN_MIN_EFFECT) -> str:
+    """Seeds per arm for an MDE of ``target`` points at this sd, as text ("more than 200" when out of reach)."""
+    from ..stats import seeds_for_mde
+
+    if not np.isfinite(sd):
+        return "an unknown number of (sd not measured)"
+    n = seeds_for_mde(sd, target, paired=paired)
+    return str(n) if n is not None else "more than 200"

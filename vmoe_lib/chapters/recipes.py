@@ -4,11 +4,12 @@ chapter is the same experiment (same results key) when another chapter needs it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..train import TrainConfig
 
-__all__ = ["SMOKE_DATA", "fashion_mnist_recipe", "cifar_recipe", "input_size"]
+__all__ = ["SMOKE_DATA", "TEST_BED_MOE", "Candidate", "TEST_BED", "fashion_mnist_recipe", "cifar_recipe", "input_size"]
 
 # A smoke run touches every code path on a sliver of the data.
 SMOKE_DATA: dict[str, Any] = {"train_subset": 2048, "eval_subset": 1000}
@@ -42,3 +43,42 @@ def cifar_recipe(model: str, *, dataset: str = "cifar10", epochs: int, **changes
         crop_padding=4, flip=True, val_size=5000,
     )
     return TrainConfig(**{**base, **changes})
+
+
+# The MoE layer of every test-bed candidate: V-MoE's softmax token choice with k = 1 (so the
+# activated FLOPs equal the dense model's), 8 experts, routing groups of 8 images, training
+# capacity factor 1.0 and an inference capacity factor of 8 = E, at which no token is ever dropped
+# (a k = 1 token activates at most one expert at any capacity, so compute stays equal).
+TEST_BED_MOE: dict[str, Any] = {
+    "router": "softmax_token_choice", "k": 1, "num_experts": 8, "group_size": 8, "capacity_factor": 1.0,
+    "eval_capacity_factor": 8.0, "router_options": {"capacity_multiple": 1},
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One test-bed candidate: a dense model and its MoE version trained with the same recipe.
+
+    ``placement`` is the MoE model's ``moe_layers``; ``epochs`` the training length of both.
+    """
+
+    name: str
+    family: str  # "vit" | "convnext"
+    dense: str
+    placement: Any
+    epochs: int
+
+    @property
+    def dense_run(self) -> str:
+        """Run name of the dense model (shared by candidates of equal model and epochs)."""
+        return f"{self.dense_key}_e{self.epochs}"
+
+    @property
+    def dense_key(self) -> str:
+        """The dense model's short name: ``vit_pico``, ``convnext_zepto``."""
+        return self.dense.split("_patch")[0].replace("_32", "")
+
+    @property
+    def moe_run(self) -> str:
+        """Run name of the MoE model."""
+        return f"moe_{self.name}"
