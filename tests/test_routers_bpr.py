@@ -159,10 +159,12 @@ def test_tables_figures_and_verdicts_from_the_results_of_record(cpu_results, tmp
     assert len(caps.columns) == len(chapter.PRESETS["cpu"].settings["sweep"])
     assert not chapter.routing_table(cpu_results).empty
     verdicts = chapter.verdicts(cpu_results)
-    ids = {v.claim_id for v in verdicts}
-    assert ids == {"ec_vs_tc_softmax", "ec_vs_tc_sinkhorn", "soft_vs_sparse", "moe_vs_dense",
-                   "bpr_vs_vanilla_k1", "bpr_vs_vanilla_k2", "vanilla_collapse_k1", "vanilla_collapse_k2"}
-    assert all(v.verdict in ("reproduced", "not reproduced", "inconclusive") for v in verdicts)
+    ids = [v.claim_id for v in verdicts]
+    assert ids == [c.id for c in chapter.claims("cpu")]  # every declared claim, in declaration order
+    assert {"ec_vs_tc_softmax", "ec_vs_tc_sinkhorn", "moe_vs_dense", "bpr_vs_vanilla_k1", "bpr_vs_vanilla_k2",
+            "vanilla_collapse_k1", "vanilla_collapse_k2", "experts_carry_weight_k1"} <= set(ids)
+    assert {f"soft_vs_{n}" for n in chapter.ROUTER_RUNS if n != "soft"} <= set(ids)  # against each sparse router
+    assert all(v.verdict in vl.stats.VERDICTS for v in verdicts)
     assert (tmp_path / "cpu" / "routers_bpr" / "verdicts.json").exists()
     text = chapter.findings(cpu_results)
     assert "Ranking at equal pairs" in text and "BPR" in text

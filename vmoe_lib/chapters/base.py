@@ -27,7 +27,7 @@ from ..train import TrainConfig
 
 __all__ = [
     "Preset", "ChapterResults", "select_preset", "apply_overrides", "results_preset", "preset_frame", "run_sweep",
-    "parse_seeds", "parse_overrides",
+    "parse_seeds", "parse_overrides", "sweep_wall_minutes",
 ]
 
 
@@ -234,3 +234,25 @@ def run_sweep(
         print(f"seeds {chosen} are not preset {preset!r}'s own {own}: verdicts go to results/custom/{chapter}/, "
               f"not to the verdicts of record", flush=True)
     return ChapterResults(chapter, folder, results, of_record=of_record)
+
+
+def sweep_wall_minutes(results: Sequence[RunResult]) -> float:
+    """Wall minutes the sweep that made ``results`` took: from the start of its first run to the end of its
+    last (each manifest holds when its run finished and how long its worker session took).
+
+    With parallel workers this is what a reader waits, less than the sum of the runs' times. A sweep
+    trained in several sittings counts the pauses between them too.
+    """
+    from datetime import datetime, timedelta
+
+    spans = []
+    for r in results:
+        end = r.manifest.get("finished_at")
+        seconds = r.manifest.get("session_seconds")
+        if end is None or seconds is None:
+            continue
+        finish = datetime.fromisoformat(end)
+        spans.append((finish - timedelta(seconds=float(seconds)), finish))
+    if not spans:
+        return float("nan")
+    return (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds() / 60

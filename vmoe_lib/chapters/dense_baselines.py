@@ -359,33 +359,37 @@ def power_frame(results: ChapterResults, target: float = 0.5) -> pd.DataFrame:
 
 
 def plot_calibration(results: ChapterResults):
-    """Per candidate: the MoE gain over dense and the accuracy lost when the MoE layers are bypassed
-    (points; dots: seeds, bar: mean), with each candidate's CPU minutes per MoE run."""
+    """Per candidate (one row each): the MoE gain over its dense model (top) and the accuracy lost when the MoE
+    layers are bypassed (bottom), in points; dots are seeds, bars their mean; row labels give minutes per MoE run."""
     style()
     df = calibration_frame(results)
     groups = results.by_name()
     cands = [c for c in candidates(results_preset_name(results)) if c.name in df.index]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
+    height = 1.2 + 0.42 * max(1, len(cands))
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 2 * height), sharey=True)
     labels = []
     for i, c in enumerate(cands):
         a, b = _paired(results, c.moe_run, c.dense_run)
         gain = (np.array(a) - np.array(b)) * 100
-        moe = groups[c.moe_run]
-        loss = np.array([r.final["test_accuracy"] - r.record["moe_bypass"]["accuracy"] for r in moe]) * 100
+        loss = np.array([r.final["test_accuracy"] - r.record["moe_bypass"]["accuracy"] for r in groups[c.moe_run]]) * 100
         for ax, values in ((axes[0], gain), (axes[1], loss)):
-            ax.bar(i, values.mean(), color=_color(i), alpha=0.35, width=0.6)
-            ax.scatter(np.full(values.size, i) + np.linspace(-0.12, 0.12, values.size), values, color=_color(i), s=18, zorder=3)
-        labels.append(f"{c.name}\n{df.loc[c.name, 'min / run (MoE)']:.1f} min/run")
-    axes[0].axhline(GAIN_MIN_EFFECT, color="0.4", ls="--", lw=1, label=f"smallest gain of interest ({GAIN_MIN_EFFECT:g})")
-    axes[1].axhline(CONTROL_MIN_EFFECT, color="0.4", ls="--", lw=1, label=f"control threshold ({CONTROL_MIN_EFFECT:g})")
+            ax.barh(i, values.mean(), color=_color(i), alpha=0.35, height=0.6)
+            ax.scatter(values, np.full(values.size, i) + np.linspace(-0.15, 0.15, values.size), color=_color(i), s=16, zorder=3)
+            ax.annotate(f"{values.mean():+.2f}", (max(values.max(), values.mean(), 0), i), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=9)
+        labels.append(f"{c.name} ({df.loc[c.name, 'min / run (MoE)']:.1f} min/run)")
+    axes[0].axvline(GAIN_MIN_EFFECT, color="0.35", ls="--", lw=1)
+    axes[1].axvline(CONTROL_MIN_EFFECT, color="0.35", ls="--", lw=1)
     for ax in axes:
-        ax.axhline(0, color="0.2", lw=0.8)
-        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
-        ax.legend(loc="upper left", fontsize=8)
-    axes[0].set_ylabel("MoE - dense test accuracy (points)")
-    axes[0].set_title("MoE gain at equal activated FLOPs (paired by seed)")
-    axes[1].set_ylabel("accuracy lost with MoE layers bypassed (points)")
-    axes[1].set_title("Positive control: the weight the experts carry")
+        ax.axvline(0, color="0.2", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=9)
+        ax.margins(x=0.15)
+    axes[0].invert_yaxis()  # shared: the first candidate on top in both panels
+    axes[0].set_xlabel(f"MoE - dense test accuracy (points, paired by seed); dashed: {GAIN_MIN_EFFECT:g}", fontsize=9)
+    axes[0].set_title("MoE gain at equal activated FLOPs (dashed: smallest gain of interest)", fontsize=10)
+    axes[1].set_xlabel(f"accuracy lost with every MoE layer bypassed (points); dashed: {CONTROL_MIN_EFFECT:g}",
+                       fontsize=9)
+    axes[1].set_title("Positive control: the weight the experts carry (dashed: threshold)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..train import TrainConfig
 
-__all__ = ["SMOKE_DATA", "TEST_BED_MOE", "Candidate", "TEST_BED", "fashion_mnist_recipe", "cifar_recipe", "input_size"]
+__all__ = ["SMOKE_DATA", "TEST_BED_MOE", "Candidate", "TEST_BED", "TEST_BED_CONVNEXT", "fashion_mnist_recipe", "cifar_recipe", "input_size"]
 
 # A smoke run touches every code path on a sliver of the data.
 SMOKE_DATA: dict[str, Any] = {"train_subset": 2048, "eval_subset": 1000}
@@ -82,3 +82,9 @@ class Candidate:
     def moe_run(self) -> str:
         """Run name of the MoE model."""
         return f"moe_{self.name}"
+
+
+# The test beds of record, chosen in chapter 0 by its pre-registered rule (``dense_baselines.choose_test_bed``)
+# from the calibration runs of its cpu preset; the chapter's notebook fails if the rule and these disagree.
+TEST_BED = Candidate("vit_pico_all_e3", "vit", "vit_pico_patch7_28", "all", 3)
+TEST_BED_CONVNEXT = Candidate("convnext_zepto_s2every2_e3", "convnext", "convnext_zepto_32", "s2:every-2", 3)
