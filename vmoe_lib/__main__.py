@@ -87,7 +87,10 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     if hasattr(chapter, "verdicts"):
         for v in chapter.verdicts(results):
-            print(f"[{v.verdict}] {v.claim}: {v.measurement}")
+            effect = (f"effect {v.effect:+.2f} points, 90% [{v.interval[0]:+.2f}, {v.interval[1]:+.2f}], "
+                      f"Holm p {v.p_holm if v.p_holm is not None else float('nan'):.3g}, MDE {v.mde:.2f}"
+                      if v.effect is not None else "no data")
+            print(f"[{v.verdict}] {v.claim_id}: {effect} ({v.why})")
         print(f"verdicts written to {results.verdicts_path()}")
     print(f"{len(results.results)} runs of {args.chapter}/{results.preset} ready in {(time.time() - started) / 60:.1f} min")
     return 0
