@@ -50,6 +50,14 @@ def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+def _legend(ax, n: int) -> None:
+    """A legend that never covers the data: inside the axes for a few series, under them in columns for more."""
+    if n <= 4:
+        ax.legend()
+        return
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9)
+
+
 def save(fig: Figure, name: str, *, chapter: str, preset: str, root: str | Path | None = None) -> Path:
     """Save ``fig`` as ``<root>/<preset>/<chapter>/<name>.png`` (root: ``_build/figures`` of the checkout)."""
     if root is None:
@@ -64,8 +72,9 @@ def save(fig: Figure, name: str, *, chapter: str, preset: str, root: str | Path 
 def accuracy_vs_epochs(results: Sequence[RunResult], metric: str = "val_accuracy", *, title: str | None = None) -> Figure:
     """Mean over seeds (line) and min-max band of ``metric`` per epoch, one line per run name."""
     style()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, (name, runs) in enumerate(_groups(results).items()):
+    groups = _groups(results)
+    fig, ax = plt.subplots(figsize=(6.4, 4 + 0.25 * max(0, len(groups) - 4)))
+    for i, (name, runs) in enumerate(groups.items()):
         curves = np.array([[h[metric] for h in r.history] for r in runs]) * 100
         epochs = np.arange(1, curves.shape[1] + 1)
         ax.plot(epochs, curves.mean(0), marker="o", color=_color(i), label=f"{name} (n={len(runs)})")
@@ -75,7 +84,7 @@ def accuracy_vs_epochs(results: Sequence[RunResult], metric: str = "val_accuracy
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.set_title(title or f"{metric.replace('_', ' ')} per epoch (band: min-max over seeds)")
-    ax.legend()
+    _legend(ax, len(groups))
     fig.tight_layout()
     return fig
 
@@ -90,8 +99,9 @@ def accuracy_vs_cost(
 ) -> Figure:
     """Per-seed points and mean ± std of the final ``metric`` against a cost (FLOPs per image by default)."""
     style()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, (name, runs) in enumerate(_groups(results).items()):
+    groups = _groups(results)
+    fig, ax = plt.subplots(figsize=(6.4, 4 + 0.25 * max(0, len(groups) - 4)))
+    for i, (name, runs) in enumerate(groups.items()):
         xs = np.array([r.record["costs"][cost] for r in runs], dtype=float)
         if cost == "flops_per_image":
             xs = xs / 1e6
@@ -104,7 +114,7 @@ def accuracy_vs_cost(
     ax.set_xlabel("MFLOPs per image" if cost == "flops_per_image" else cost.replace("_", " "))
     ax.set_ylabel(f"final {metric.replace('_', ' ')} (%)")
     ax.set_title(title or f"{metric.replace('_', ' ')} vs {cost.replace('_', ' ')} (points: seeds; bars: ±1 std)")
-    ax.legend()
+    _legend(ax, len(groups))
     fig.tight_layout()
     return fig
 

@@ -315,13 +315,14 @@ def calibration_frame(results: ChapterResults) -> pd.DataFrame:
 
 
 def calibration_table(results: ChapterResults) -> pd.DataFrame:
-    """:func:`calibration_frame` rounded for reading, with each candidate's control verdict."""
+    """:func:`calibration_frame` rounded for reading, with each candidate's control verdict, one column per candidate."""
     df = calibration_frame(results)
     if df.empty:
         return df
     verdict = {v.claim_id: v.verdict for v in verdicts(results, write=False)}
     df["control"] = [verdict.get(f"experts_carry_weight_{n}", "—") for n in df.index]
-    return df.round({c: 2 for c in df.columns if df[c].dtype.kind == "f"})
+    df = df.round({c: 2 for c in df.columns if df[c].dtype.kind == "f"})
+    return df.T  # candidates as columns: the table fits the page
 
 
 def choose_test_bed(results: ChapterResults) -> dict[str, str | None]:
@@ -350,17 +351,21 @@ def power_frame(results: ChapterResults, target: float = 0.5) -> pd.DataFrame:
     seed counts, and the seeds an MDE of ``target`` points needs."""
     df = calibration_frame(results)
     sds: dict[str, tuple[float, bool]] = {}
-    for name, row in df.iterrows():
-        for label, col, paired in (("dense, unpaired", "sd dense", False), ("MoE, unpaired", "sd MoE", False),
-                                   ("MoE - dense, paired", "sd of gain", True)):
-            if np.isfinite(row[col]):
-                sds[f"{name}: {label}"] = (float(row[col]), paired)
+    for c in candidates(results_preset_name(results)):
+        if c.name not in df.index:
+            continue
+        row = df.loc[c.name]
+        for label, col, paired in ((f"{c.dense_run} (unpaired)", "sd dense", False),
+                                   (f"{c.moe_run} (unpaired)", "sd MoE", False),
+                                   (f"{c.moe_run} - {c.dense_run} (paired)", "sd of gain", True)):
+            if np.isfinite(row[col]) and label not in sds:
+                sds[label] = (float(row[col]), paired)
     return power_table(sds, target=target) if sds else pd.DataFrame()
 
 
 def plot_calibration(results: ChapterResults):
     """Per candidate (one row each): the MoE gain over its dense model (top) and the accuracy lost when the MoE
-    layers are bypassed (bottom), in points; dots are seeds, bars their mean; row labels give minutes per MoE run."""
+    layers are bypassed (bottom), in points; dots are seeds, bars their mean."""
     style()
     df = calibration_frame(results)
     groups = results.by_name()
@@ -377,7 +382,7 @@ def plot_calibration(results: ChapterResults):
             ax.scatter(values, np.full(values.size, i) + np.linspace(-0.15, 0.15, values.size), color=_color(i), s=16, zorder=3)
             ax.annotate(f"{values.mean():+.2f}", (max(values.max(), values.mean(), 0), i), xytext=(6, 0),
                         textcoords="offset points", va="center", fontsize=9)
-        labels.append(f"{c.name} ({df.loc[c.name, 'min / run (MoE)']:.1f} min/run)")
+        labels.append(c.name)
     axes[0].axvline(GAIN_MIN_EFFECT, color="0.35", ls="--", lw=1)
     axes[1].axvline(CONTROL_MIN_EFFECT, color="0.35", ls="--", lw=1)
     for ax in axes:
@@ -417,9 +422,14 @@ def findings(results: ChapterResults) -> str:
             continue
         row = df.loc[name]
         passed = verdict.get(f"experts_carry_weight_{name}")
-        how = ("the highest resolution per CPU hour among the candidates whose control is reproduced"
-               if passed and passed.verdict == "reproduced" else
-               "no candidate passed its control, so the one whose experts carry the most weight")
+        alone = int((df["family"] == family).sum()) == 1
+        if alone:
+            how = ("the only candidate of its family calibrated here (control "
+                   f"{passed.verdict if passed else 'not measured'}; MoE gain {row['gain (points)']:+.2f} points)")
+        elif passed and passed.verdict == "reproduced":
+            how = "the highest resolution per CPU hour among the candidates whose control is reproduced"
+        else:
+            how = "no candidate passed its control, so the one whose experts carry the most weight"
         n_unpaired = seeds_for_mde_or_none(float(row["sd MoE"]), paired=False)
         n_paired = seeds_for_mde_or_none(float(row["sd of gain"]), paired=True)
         lines.append(
