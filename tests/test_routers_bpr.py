@@ -40,7 +40,10 @@ def test_every_router_processes_the_same_pairs(name):
         with torch.no_grad():
             model(torch.randn(16, 1, 28, 28))
         stats = collect_routing_stats(model)
-        assert [s["layer"] for s in stats.values()] == [1, 3]
+        from vmoe_lib.chapters.recipes import TEST_BED
+        from vmoe_lib.models.placement import resolve_moe_layers
+
+        assert [s["layer"] for s in stats.values()] == resolve_moe_layers(TEST_BED.placement, 4)  # the test bed's blocks
         for s in stats.values():
             if name == "soft":
                 assert s["rows_computed"] == 16 * 16  # 16 images x 8 experts x 2 slots
@@ -56,8 +59,14 @@ def test_k2_run_and_dense_run_are_what_the_chapter_says():
     configs = chapter.experiment("cpu")
     k2 = configs[chapter.K2_RUN].model_kwargs
     assert (k2["k"], k2["capacity_factor"]) == (2, 1.05)
-    assert configs[chapter.DENSE_RUN].model == "vit_pico_patch7_28"
-    assert {c.epochs for c in configs.values()} == {3}
+    from vmoe_lib.chapters import dense_baselines
+    from vmoe_lib.chapters.recipes import TEST_BED
+
+    assert configs[chapter.DENSE_RUN].model == TEST_BED.dense
+    assert {c.epochs for c in configs.values()} == {TEST_BED.epochs}
+    assert {c.model_kwargs.get("moe_layers") for n, c in configs.items() if n != chapter.DENSE_RUN} == {TEST_BED.placement}
+    # the dense run is chapter 0's dense run of the test bed: the same config, so the same results key
+    assert configs[chapter.DENSE_RUN].to_dict() == dense_baselines.experiment("cpu")[TEST_BED.dense_run].to_dict()
     # every run shares the recipe: only the model differs
     recipes = {json.dumps({k: v for k, v in c.to_dict().items() if k not in ("model", "model_kwargs")}, sort_keys=True)
                for c in configs.values()}
@@ -73,10 +82,21 @@ def _token_choice_model(k: int = 1, capacity_multiple: int = 1) -> torch.nn.Modu
 
 def test_probe_sweeps_capacity_and_restores_the_routing():
     model = _token_choice_model(k=2, capacity_multiple=4)  # the probe itself routes with capacity_multiple=1
-    probe = chapter.RoutingProbe(capacity_factors=(0.1, 0.5, 8.0), mask_capacity_factors=(0.25,))
+    probe = chapter.RoutingProbe(capacity_factors=(0.1, 0.5, 8.0), mask_capacity_factors=(0.25,),
+                                 bits_capacity_factors=(0.5,))
     out = probe(model, _dataset(), torch.device("cpu"))
-    assert set(out) == {"probe", "routing", "capacity_sweep", "dropped_patches"}
+    assert set(out) == {"probe", "routing", "capacity_sweep", "dropped_patches", "no_drop"}
     rows = out["capacity_sweep"]
+    # per-image correctness at the claims' capacity only, and it reproduces that point's accuracy
+    from vmoe_lib.predictions import unpack_bits
+
+    with_bits = [r for r in rows if "correct" in r]
+    assert {r["capacity_factor"] for r in with_bits} == {0.5} and len(with_bits) == 2 * 2
+    for r in with_bits:
+        assert unpack_bits({"n": 48, "bits": r["correct"]}).mean() == pytest.approx(r["accuracy"])
+    # no token is dropped at capacity factor E, at the trained k
+    assert out["no_drop"]["dropped_fraction"] == 0.0 and out["no_drop"]["k"] == 2
+    assert out["no_drop"]["capacity_factor"] == 8.0
     assert len(rows) == 3 * 2 * 2  # capacity factors x (vanilla, BPR) x (k=2, k=1)
     assert {r["k"] for r in rows} == {1, 2}
     for k in (1, 2):

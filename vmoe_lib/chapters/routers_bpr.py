@@ -42,15 +42,16 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..analysis import summary_table
-from ..stats import Claim, TestResult, VerdictRecord, decide_family, paired_t, write_verdict_records
+from ..analysis import correct_of, summary_table
+from ..predictions import pack_bits, unpack_bits
+from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
 from ..data import BatchLoader, ImageDataset
 from ..layers.stats import moe_layers, record_routing
 from ..models.moe_utils import set_routing
 from ..plots import _color, style
 from ..train import TrainConfig, _autocast
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
-from .recipes import SMOKE_DATA, cifar_recipe, fashion_mnist_recipe
+from .recipes import SMOKE_DATA, TEST_BED, cifar_recipe, fashion_mnist_recipe
 
 __all__ = [
     "NAME", "PRESETS", "ROUTER_RUNS", "RoutingProbe", "experiment", "run", "preset_table", "router_table",
@@ -77,25 +78,29 @@ DENSE_RUN = "dense"
 _SWEEP_CPU = (0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0)
 _SWEEP_SMOKE = (0.2, 0.5, 1.0, 2.0)
 
+# The cpu preset trains on chapter 0's test bed of record; seeds sized by chapter 0's power table.
+_CPU_SEEDS = tuple(range(6))
+
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
-        description="every code path: MoE ViT-pico, 2,048 Fashion-MNIST images, 1 epoch, 2 seeds (CI)",
+        description="every code path: the test bed's MoE ViT, 2,048 Fashion-MNIST images, 1 epoch, 2 seeds (CI)",
         hardware="CPU, 2 cores",
         expected_minutes=1.5,
         seeds=(0, 1),
-        settings={"dense": "vit_pico_patch7_28", "epochs": 1, "experts": 8, "group_images": 8,
-                  "tokens_per_image": 17, "sweep": _SWEEP_SMOKE, "probe_images": 1000, **SMOKE_DATA},
+        settings={"dense": TEST_BED.dense, "placement": TEST_BED.placement, "epochs": 1, "experts": 8,
+                  "group_images": 8, "tokens_per_image": 17, "sweep": _SWEEP_SMOKE, "probe_images": 1000, **SMOKE_DATA},
     ),
     "cpu": Preset(
         name="cpu",
-        description="MoE ViT-pico (d64, depth 4, MoE in layers 1 and 3, 8 experts), Fashion-MNIST 28x28, "
-                    "55k train images, 3 epochs, 3 seeds; 8 models",
-        hardware="CPU, 2 cores, fp32 (measured: 47 min for the 24 runs, idle machine)",
-        expected_minutes=48.0,
-        seeds=(0, 1, 2),
-        settings={"dense": "vit_pico_patch7_28", "epochs": 3, "experts": 8, "group_images": 8,
-                  "tokens_per_image": 17, "sweep": _SWEEP_CPU, "probe_images": None},
+        description=f"chapter 0's test bed ({TEST_BED.name}: {TEST_BED.dense}, MoE blocks {TEST_BED.placement}, "
+                    f"8 experts, {TEST_BED.epochs} epochs), Fashion-MNIST 28x28, 55k train images, "
+                    f"{len(_CPU_SEEDS)} seeds; 8 models",
+        hardware="CPU, 2 cores, 2 workers x 1 thread, pinned numerics",
+        expected_minutes=75.0,
+        seeds=_CPU_SEEDS,
+        settings={"dense": TEST_BED.dense, "placement": TEST_BED.placement, "epochs": TEST_BED.epochs, "experts": 8,
+                  "group_images": 8, "tokens_per_image": 17, "sweep": _SWEEP_CPU, "probe_images": None},
     ),
     "gpu": Preset(
         name="gpu",
@@ -104,8 +109,8 @@ PRESETS: dict[str, Preset] = {
         hardware="1 GPU (estimated, not yet measured), bf16 autocast",
         expected_minutes=150.0,
         seeds=(0, 1, 2),
-        settings={"dense": "vit_tiny_patch4_32", "dataset": "cifar100", "epochs": 60, "experts": 8,
-                  "group_images": 8, "tokens_per_image": 65, "sweep": _SWEEP_CPU, "probe_images": None},
+        settings={"dense": "vit_tiny_patch4_32", "placement": "last-2", "dataset": "cifar100", "epochs": 60,
+                  "experts": 8, "group_images": 8, "tokens_per_image": 65, "sweep": _SWEEP_CPU, "probe_images": None},
     ),
 }
 
@@ -135,6 +140,7 @@ def experiment(preset: str) -> dict[str, TrainConfig]:
     p = select_preset(PRESETS, preset)
     s = dict(p.settings)
     dense = s.pop("dense")
+    placement = {"moe_layers": s.pop("placement")}
     geometry = {key: s.pop(key) for key in ("experts", "group_images", "tokens_per_image")}
     epochs = s.pop("epochs")
     for key in ("sweep", "probe_images"):
@@ -147,7 +153,6 @@ def experiment(preset: str) -> dict[str, TrainConfig]:
         return cifar_recipe(model, dataset=dataset, epochs=epochs, model_kwargs=model_kwargs, **s)
 
     moe = f"vmoe_{dense}"
-    placement = {"moe_layers": "last-2"}
     configs = {name: recipe(moe, {**placement, **equal_compute_settings(router, **geometry)})
                for name, router in ROUTER_RUNS.items()}
     configs[K2_RUN] = recipe(moe, {
@@ -173,19 +178,27 @@ class RoutingProbe:
       and (for ``k > 1``) at ``k = 1``;
     * ``dropped_patches`` — for the first routing group of test images (``mask_images``), how
       many experts processed each token in each MoE layer (0: dropped), at the capacity
-      factors ``mask_capacity_factors``, vanilla and BPR; with the images themselves.
+      factors ``mask_capacity_factors``, vanilla and BPR; with the images themselves;
+    * ``no_drop`` — test accuracy (and which images were right) at the trained ``k`` with an
+      inference capacity factor of ``E``, at which no token is ever dropped (the MoE-vs-dense
+      comparison: a ``k = 1`` token activates at most one expert at any capacity).
+
+    Sweep points at the capacity factors ``bits_capacity_factors`` also store which test
+    images were right (packed bits), for the per-image tests of the BPR and collapse claims.
 
     Args:
         capacity_factors: inference capacity factors of the sweep.
         probe_images: evaluate on the first ``n`` test images (``None``: all).
         mask_capacity_factors: capacity factors of the dropped-patch pictures.
         mask_images: images in the dropped-patch pictures (one routing group).
+        bits_capacity_factors: sweep points that store per-image correctness.
     """
 
     capacity_factors: tuple[float, ...] = _SWEEP_CPU
     probe_images: int | None = None
     mask_capacity_factors: tuple[float, ...] = (0.25, 0.5)
     mask_images: int = 8
+    bits_capacity_factors: tuple[float, ...] = ()
 
     def settings(self) -> dict[str, Any]:
         """The probe's settings as JSON values (they enter the results key)."""
@@ -199,18 +212,24 @@ class RoutingProbe:
         return BatchLoader(images, labels, batch_size=batch_size, mean=data.mean, std=data.std, device=device)
 
     @staticmethod
-    def _recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int) -> tuple[dict[str, float], dict]:
+    def _recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int | None,
+                       bits: bool = False) -> tuple[dict[str, Any], dict]:
         model.eval()
+        hits = []
         with torch.no_grad(), record_routing(model, num_classes) as rec:
-            loss_sum, correct, count = 0.0, 0, 0
+            loss_sum, count = 0.0, 0
             for images, labels in loader:
                 rec.labels = labels
                 with _autocast(images.device, True):
                     logits = model(images).float()
                 loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-                correct += (logits.argmax(-1) == labels).sum().item()
+                hits.append((logits.argmax(-1) == labels).cpu())
                 count += labels.numel()
-        return {"loss": loss_sum / count, "accuracy": correct / count}, rec.summary()
+        right = torch.cat(hits)
+        metrics: dict[str, Any] = {"loss": loss_sum / count, "accuracy": right.sum().item() / count}
+        if bits:
+            metrics["correct"] = pack_bits(right.numpy())["bits"]
+        return metrics, rec.summary()
 
     def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
         layers = moe_layers(model)
@@ -225,6 +244,11 @@ class RoutingProbe:
             try:
                 out["capacity_sweep"] = self._sweep(model, loader, original["k"])
                 out["dropped_patches"] = self._dropped_patches(model, data, device, original["k"])
+                E = int(routers[0].num_experts)
+                set_routing(model, k=original["k"], eval_capacity_factor=float(E), batch_priority=False, capacity_multiple=1)
+                nodrop, nodrop_stats = self._recorded_eval(model, loader, None, bits=True)
+                out["no_drop"] = {"capacity_factor": float(E), "k": original["k"], **nodrop,
+                                  "dropped_fraction": float(np.mean([s["dropped_fraction"] for s in nodrop_stats.values()]))}
             finally:
                 set_routing(model, **original)
         return out
@@ -235,11 +259,15 @@ class RoutingProbe:
             for bpr in (False, True):
                 for cf in self.capacity_factors:
                     set_routing(model, k=k, eval_capacity_factor=float(cf), batch_priority=bpr, capacity_multiple=1)
-                    metrics, stats = self._recorded_eval(model, loader, None)
+                    bits = any(math.isclose(cf, b) for b in self.bits_capacity_factors)
+                    metrics, stats = self._recorded_eval(model, loader, None, bits=bits)
                     dropped = float(np.mean([s["dropped_fraction"] for s in stats.values()]))
-                    rows.append({"k": k, "batch_priority": bpr, "capacity_factor": float(cf),
-                                 "accuracy": metrics["accuracy"], "loss": metrics["loss"], "dropped_fraction": dropped,
-                                 "dropped_per_layer": [s["dropped_fraction"] for s in stats.values()]})
+                    row = {"k": k, "batch_priority": bpr, "capacity_factor": float(cf),
+                           "accuracy": metrics["accuracy"], "loss": metrics["loss"], "dropped_fraction": dropped,
+                           "dropped_per_layer": [s["dropped_fraction"] for s in stats.values()]}
+                    if bits:
+                        row["correct"] = metrics["correct"]
+                    rows.append(row)
         return rows
 
     def _dropped_patches(self, model: nn.Module, data: ImageDataset, device: torch.device, k: int) -> dict[str, Any]:
@@ -276,7 +304,8 @@ class RoutingProbe:
 def probe_for(preset: str) -> RoutingProbe:
     """The :class:`RoutingProbe` of a preset."""
     s = select_preset(PRESETS, preset).settings
-    return RoutingProbe(capacity_factors=tuple(s["sweep"]), probe_images=s["probe_images"])
+    return RoutingProbe(capacity_factors=tuple(s["sweep"]), probe_images=s["probe_images"],
+                        bits_capacity_factors=(LOW_CAPACITY, float(max(s["sweep"]))))
 
 
 def run(
@@ -289,11 +318,18 @@ def run(
 ) -> ChapterResults:
     """Load the preset's results, training whatever is missing (unless results are required).
 
-    Every trained run is measured by the preset's :class:`RoutingProbe`, whose settings enter the results key.
-    ``sweep`` holds :func:`~vmoe_lib.chapters.base.run_sweep`'s ``workers``, ``executor`` and ``slurm``.
+    Every trained MoE run is measured by the preset's :class:`RoutingProbe`, whose settings enter the results
+    key. The dense run has no probe, so it is the same experiment (same results key) as chapter 0's dense run
+    of the test bed. ``sweep`` holds :func:`~vmoe_lib.chapters.base.run_sweep`'s ``workers``, ``executor`` and
+    ``slurm``.
     """
-    return run_sweep(NAME, PRESETS, experiment, preset, seeds=seeds, device=device, overrides=overrides,
-                     progress=progress, **run_options(preset), **sweep)
+    configs = experiment(preset)
+    moe_names = [n for n in configs if n != DENSE_RUN]
+    moe = run_sweep(NAME, PRESETS, lambda p: {n: experiment(p)[n] for n in moe_names}, preset, seeds=seeds,
+                    device=device, overrides=overrides, progress=progress, **run_options(preset), **sweep)
+    dense = run_sweep(NAME, PRESETS, lambda p: {DENSE_RUN: experiment(p)[DENSE_RUN]}, preset, seeds=seeds,
+                      device=device, overrides=overrides, progress=progress, **sweep)
+    return ChapterResults(NAME, moe.preset, moe.results + dense.results, of_record=moe.of_record and dense.of_record)
 
 
 def run_options(preset: str) -> dict[str, Any]:
@@ -465,8 +501,9 @@ def claims(preset: str) -> list[Claim]:
         for name in ROUTER_RUNS if name != "soft"
     ]
     out.append(Claim(
-        id="moe_vs_dense", claim="A V-MoE (softmax token choice, k=1) beats the dense ViT of the same activated FLOPs",
-        source="V-MoE (Riquelme et al., arXiv:2106.05974, Sec. 3)", contrast=f"softmax_tc vs {DENSE_RUN}",
+        id="moe_vs_dense", claim=("A V-MoE (softmax token choice, k=1) beats the dense ViT of the same activated FLOPs "
+                                  "(evaluated at capacity factor E: no token dropped)"),
+        source="V-MoE (Riquelme et al., arXiv:2106.05974, Sec. 3)", contrast=f"softmax_tc (no drops) vs {DENSE_RUN}",
         test="paired_t", min_effect=ROUTER_MIN_EFFECT,
         min_effect_why="tiny MoE ViTs gain +0.5 to +1 point over dense ones (arXiv:2411.18322); the low end",
         family=FAMILY, paired=True,
@@ -476,7 +513,7 @@ def claims(preset: str) -> list[Claim]:
         out.append(Claim(
             id=control, claim=f"Bypassing the MoE layers of {run_name} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
             source="positive control: the weight the experts carry", contrast=f"{run_name} vs {run_name} with MoE bypassed",
-            test="paired_t", min_effect=CONTROL_MIN_EFFECT,
+            test="mcnemar", min_effect=CONTROL_MIN_EFFECT,
             min_effect_why="dropping tokens cannot cost more than removing every expert; below 1 point no collapse is visible",
             family=f"{FAMILY}:controls", paired=True,
         ))
@@ -484,7 +521,7 @@ def claims(preset: str) -> list[Claim]:
             id=f"bpr_vs_vanilla_k{k}",
             claim=f"With capacity cut to {LOW_CAPACITY:g} at inference, BPR is more accurate than vanilla routing ({run_name}, k={k})",
             source="V-MoE (arXiv:2106.05974, Sec. 4.1, the BPR figure)", contrast=f"BPR vs vanilla at cf {LOW_CAPACITY:g}",
-            test="paired_t", min_effect=BPR_MIN_EFFECT,
+            test="mcnemar", min_effect=BPR_MIN_EFFECT,
             min_effect_why="V-MoE's BPR figure shows gaps of several points at low capacity; 1 point is a conservative floor",
             family=FAMILY, paired=True, control=control,
         ))
@@ -493,7 +530,7 @@ def claims(preset: str) -> list[Claim]:
             claim=(f"Vanilla routing collapses below capacity 1: it loses at least {COLLAPSE_MIN_EFFECT:g} points from the "
                    f"largest swept capacity to {LOW_CAPACITY:g} ({run_name}, k={k})"),
             source="V-MoE (arXiv:2106.05974, Sec. 4.1)", contrast=f"vanilla at the largest cf vs vanilla at cf {LOW_CAPACITY:g}",
-            test="paired_t", min_effect=COLLAPSE_MIN_EFFECT,
+            test="mcnemar", min_effect=COLLAPSE_MIN_EFFECT,
             min_effect_why=("'collapse' in V-MoE's BPR figure is a loss of several points where BPR loses about one; "
                             "2 points is the floor we read as a collapse"),
             family=FAMILY, paired=True, control=control,
@@ -511,6 +548,19 @@ def _paired_runs(results: ChapterResults, a: str, b: str) -> TestResult | None:
     return paired_t([va[s] for s in seeds], [vb[s] for s in seeds]) if len(seeds) >= 2 else None
 
 
+def _sweep_bits(result, k: int, bpr: bool, cf: float) -> np.ndarray | None:
+    """Per-image correctness the probe stored for one capacity-sweep point (``None`` if not stored)."""
+    n = (result.record.get("extra") or {}).get("probe", {}).get("images")
+    for point in (result.record.get("extra") or {}).get("capacity_sweep", []):
+        if point["k"] == k and point["batch_priority"] == bpr and math.isclose(point["capacity_factor"], cf):
+            return unpack_bits({"n": n, "bits": point["correct"]}) if "correct" in point and n else None
+    return None
+
+
+def _stacked(rows: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.stack(rows) if rows and all(r is not None for r in rows) else None
+
+
 def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
     """Each declared claim's test on the stored runs (``None`` where the data it needs are missing)."""
     out: dict[str, TestResult | None] = {}
@@ -519,27 +569,27 @@ def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
     for name in ROUTER_RUNS:
         if name != "soft":
             out[f"soft_vs_{name}"] = _paired_runs(results, "soft", name)
-    out["moe_vs_dense"] = _paired_runs(results, "softmax_tc", DENSE_RUN)
-    sweep = sweep_frame(results)
     groups = results.by_name()
+    nodrop = {r.seed: r.record["extra"]["no_drop"]["accuracy"] for r in groups.get("softmax_tc", [])
+              if "no_drop" in (r.record.get("extra") or {})}
+    dense = _seed_values(results, DENSE_RUN)
+    shared = sorted(set(nodrop) & set(dense))
+    out["moe_vs_dense"] = paired_t([nodrop[s] for s in shared], [dense[s] for s in shared]) if len(shared) >= 2 else None
     for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
-        runs = groups.get(run_name, [])
-        bypassed = [r for r in runs if r.record.get("moe_bypass")]
-        out[f"experts_carry_weight_k{k}"] = (
-            paired_t([r.final["test_accuracy"] for r in bypassed], [r.record["moe_bypass"]["accuracy"] for r in bypassed])
-            if len(bypassed) >= 2 and len(bypassed) == len(runs) else None)
-        out[f"bpr_vs_vanilla_k{k}"] = out[f"vanilla_collapse_k{k}"] = None
-        if sweep.empty:
-            continue
-        sel = sweep[(sweep["run"] == run_name) & (sweep["eval k"] == k)]
-        if sel.empty or not np.isclose(sel["capacity factor"], LOW_CAPACITY).any():
-            continue
-        top = float(sel["capacity factor"].max())
-        acc = sel.pivot_table(index="seed", columns=["priority", "capacity factor"], values="accuracy")
-        if len(acc) < 2:
-            continue
-        out[f"bpr_vs_vanilla_k{k}"] = paired_t(acc[("BPR", LOW_CAPACITY)].to_numpy(), acc[("vanilla", LOW_CAPACITY)].to_numpy())
-        out[f"vanilla_collapse_k{k}"] = paired_t(acc[("vanilla", top)].to_numpy(), acc[("vanilla", LOW_CAPACITY)].to_numpy())
+        runs = sorted(groups.get(run_name, []), key=lambda r: r.seed)
+        control = None
+        if runs and all(r.record.get("moe_bypass") and r.record.get("predictions") for r in runs):
+            control = mcnemar(np.stack([correct_of(r) for r in runs]),
+                              np.stack([unpack_bits(r.record["moe_bypass"]["correct"]) for r in runs]))
+        out[f"experts_carry_weight_k{k}"] = control
+        tops = {max(p["capacity_factor"] for p in (r.record.get("extra") or {}).get("capacity_sweep", [{"capacity_factor": 0}]))
+                for r in runs}
+        top = tops.pop() if len(tops) == 1 else None
+        bpr = _stacked([_sweep_bits(r, k, True, LOW_CAPACITY) for r in runs])
+        van = _stacked([_sweep_bits(r, k, False, LOW_CAPACITY) for r in runs])
+        van_top = _stacked([_sweep_bits(r, k, False, top) for r in runs]) if top else None
+        out[f"bpr_vs_vanilla_k{k}"] = mcnemar(bpr, van) if bpr is not None and van is not None else None
+        out[f"vanilla_collapse_k{k}"] = mcnemar(van_top, van) if van_top is not None and van is not None else None
     return out
 
 
@@ -752,3 +802,67 @@ def findings(results: ChapterResults) -> str:
                 f"({dropped[hi]:.1f}% dropped) vanilla {mean.loc[hi, 'vanilla']:.1f}% vs BPR {mean.loc[hi, 'BPR']:.1f}%."
             )
     return "\n".join(f"* {line}" for line in lines)
+
+
+# ----------------------------------------------------------------------------------- design
+def power_frame(results: ChapterResults, target: float = ROUTER_MIN_EFFECT) -> pd.DataFrame:
+    """The chapter's power table: for each seed-paired router contrast of its claims, the sd of the per-seed
+    differences measured here and the MDE (points, one-sided alpha 0.05, 80 % power) at several seed counts."""
+    sds: dict[str, tuple[float, bool]] = {}
+    for claim_id, r in test_results(results).items():
+        if r is not None and r.test == "paired_t" and "sd_diff" in r.detail:
+            sds[claim_id] = (float(r.detail["sd_diff"]), True)
+    return power_table(sds, target=target) if sds else pd.DataFrame()
+
+
+def dense_check(results: ChapterResults) -> pd.DataFrame:
+    """This chapter's dense runs beside chapter 0's runs of the same config (the same results key): per seed both
+    test accuracies, and whether every loss and accuracy of the two records is bit-identical. Chapter 0's
+    results are only read (never trained); a seed chapter 0 lacks is left out."""
+    from ..results import MissingResultError, load_or_run
+    from . import dense_baselines
+
+    mine = {r.seed: r for r in results.results if r.name == DENSE_RUN}
+    if not mine or results.preset not in dense_baselines.PRESETS:
+        return pd.DataFrame()
+    config = next(iter(mine.values())).config
+    names = [n for n, c in dense_baselines.experiment(results.preset).items() if c.to_dict() == config.to_dict()]
+    if not names:
+        return pd.DataFrame()
+    rows = {}
+    for seed, r in sorted(mine.items()):
+        try:
+            theirs = load_or_run(dense_baselines.NAME, results.preset, {names[0]: config}, [seed], progress=False,
+                                 require=True)[0]
+        except MissingResultError:
+            continue
+
+        def outcome(x):
+            return [{k: v for k, v in h.items() if k.endswith(("loss", "accuracy"))} for h in x.history]
+
+        rows[seed] = {"this chapter (%)": round(r.final["test_accuracy"] * 100, 2),
+                      "chapter 0 (%)": round(theirs.final["test_accuracy"] * 100, 2),
+                      "bit-identical": outcome(r) == outcome(theirs)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("seed")
+
+
+PRIMARY = "ec_vs_tc_softmax"  # the contrast the cpu preset's seed count is sized for
+
+
+def power_note(results: ChapterResults, target: float = ROUTER_MIN_EFFECT) -> str:
+    """One Markdown sentence: the primary contrast's MDE at this sweep's seeds, the seeds an MDE of ``target``
+    needs at the measured sd, and what that would cost at this sweep's measured minutes per seed."""
+    from ..stats import mde, seeds_for_mde
+    from .base import sweep_wall_minutes
+
+    r = test_results(results).get(PRIMARY)
+    if r is None:
+        return f"The primary contrast ({PRIMARY}) has too few seeds here to measure its spread."
+    sd, n = float(r.detail["sd_diff"]), int(r.n)
+    need = seeds_for_mde(sd, target, paired=True)
+    per_seed = sweep_wall_minutes(results.results) / max(1, len({x.seed for x in results.results}))
+    verdict = "meets" if mde(sd, n, paired=True) <= target else "misses"
+    cost = (f"{need} seeds, about {need * per_seed:.0f} min of wall time at this sweep's {per_seed:.1f} min per seed"
+            if need is not None else "more than 200 seeds")
+    return (f"The primary contrast ({PRIMARY}) has an MDE of {r.mde:.2f} points with {n} seeds (sd of the paired "
+            f"differences {sd:.2f}); the {target:g}-point goal {verdict}: it needs {cost}.")
