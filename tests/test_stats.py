@@ -215,7 +215,8 @@ def test_records_carry_the_issue_keys(tmp_path):
                 "n", "effect", "bound", "p_value", "p_holm", "mde", "control", "verdict", "why", "values"):
         assert key in entry, key
     frame = verdict_frame(out)
-    assert list(frame.columns[:3]) == ["claim", "test", "n"] and frame.loc["a_beats_b", "verdict"] == "reproduced"
+    assert list(frame.columns[:3]) == ["verdict", "effect (points)", "90% interval"]
+    assert frame.loc["a_beats_b", "verdict"] == "reproduced"
 
 
 # ----------------------------------------------------------------------------------- bad input

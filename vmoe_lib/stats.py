@@ -479,21 +479,22 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def verdict_frame(records: Sequence[VerdictRecord]) -> pd.DataFrame:
-    """The verdict table a chapter shows: claim, test, n, effect with its 90 % interval, bound, p, Holm p, MDE, verdict."""
+    """The verdict table a chapter shows: verdict, effect with its 90 % interval, min effect, Holm p, MDE, n, test,
+    raw p, the claim and why (verdict and numbers first, so they stay in view when a narrow page scrolls the table)."""
     rows = {}
     for v in records:
         ci = f"[{v.interval[0]:+.2f}, {v.interval[1]:+.2f}]" if v.interval else "—"
-        rows[v.claim_id] = {
-            "claim": v.claim,
-            "test": v.test + (" (paired)" if v.paired and v.test in ("tost",) else ""),
-            "n": "/".join(str(x) for x in v.n) if isinstance(v.n, list) else _fmt(v.n, "d") if isinstance(v.n, int) else "—",
+        rows[v.claim_id] = {  # the verdict and its numbers first: they stay on screen when the table scrolls
+            "verdict": v.verdict,
             "effect (points)": _fmt(v.effect, "+.2f"),
             "90% interval": ci,
             "min effect": f"{'±' if v.test == 'tost' else ''}{v.min_effect:g}",
-            "p": _fmt(v.p_value, ".3g"),
             "Holm p": _fmt(v.p_holm, ".3g"),
             "MDE (80%)": _fmt(v.mde, ".2f"),
-            "verdict": v.verdict,
+            "n": "/".join(str(x) for x in v.n) if isinstance(v.n, list) else _fmt(v.n, "d") if isinstance(v.n, int) else "—",
+            "test": v.test + (" (paired)" if v.paired and v.test in ("tost",) else ""),
+            "p": _fmt(v.p_value, ".3g"),
+            "claim": v.claim,
             "why": v.why,
         }
     return pd.DataFrame.from_dict(rows, orient="index")
