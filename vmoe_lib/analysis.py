@@ -14,7 +14,7 @@ import pandas as pd
 
 from .results import RunResult
 
-__all__ = ["correct_of", "runs_table", "summary_table", "final_metric"]
+__all__ = ["correct_of", "bypass_correct_of", "runs_table", "summary_table", "final_metric"]
 
 
 def correct_of(result: RunResult) -> np.ndarray:
@@ -26,6 +26,16 @@ def correct_of(result: RunResult) -> np.ndarray:
         raise ValueError(f"run {result.name} seed {result.seed} stores no per-image predictions (a record made "
                          f"before they were stored); regenerate it: {result.manifest.get('regenerate', '')}")
     return unpack_predictions(stored).correct
+
+
+def bypass_correct_of(result: RunResult) -> np.ndarray:
+    """Which test images the run's final model got right with every MoE layer bypassed (its positive control)."""
+    from .predictions import unpack_bits
+
+    stored = result.record.get("moe_bypass")
+    if not stored:
+        raise ValueError(f"run {result.name} seed {result.seed} stores no MoE-bypass evaluation")
+    return unpack_bits(stored["correct"])
 
 
 def final_metric(result: RunResult, metric: str = "test_accuracy") -> float:

@@ -66,6 +66,13 @@ class ChapterResults:
             out.setdefault(r.name, []).append(r)
         return out
 
+    def paired(self, a: str, b: str, metric: str = "test_accuracy") -> tuple[list[float], list[float]]:
+        """The final ``metric`` of runs ``a`` and ``b`` on the seeds both have, in seed order (paired by seed)."""
+        va = {r.seed: float(r.final[metric]) for r in self.results if r.name == a}
+        vb = {r.seed: float(r.final[metric]) for r in self.results if r.name == b}
+        seeds = sorted(set(va) & set(vb))
+        return [va[s] for s in seeds], [vb[s] for s in seeds]
+
     def values(self, name: str, metric: str = "test_accuracy") -> list[float]:
         """The final ``metric`` of every seed of run ``name`` (empty if the sweep has no such run)."""
         return [float(r.final[metric]) for r in self.results if r.name == name]

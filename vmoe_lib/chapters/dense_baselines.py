@@ -37,9 +37,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..analysis import correct_of, summary_table
+from ..analysis import bypass_correct_of, correct_of, summary_table
 from ..plots import _color, style
-from ..predictions import unpack_bits
 from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
 from ..train import TrainConfig
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
@@ -224,21 +223,6 @@ def claims(preset: str) -> list[Claim]:
     return out
 
 
-def _bypass_correct(result) -> np.ndarray:
-    stored = result.record.get("moe_bypass")
-    if not stored:
-        raise ValueError(f"run {result.name} seed {result.seed} stores no MoE-bypass evaluation")
-    return unpack_bits(stored["correct"])
-
-
-def _paired(results: ChapterResults, a: str, b: str) -> tuple[list[float], list[float]]:
-    """Values of runs ``a`` and ``b`` on the seeds both have, in seed order."""
-    va = {r.seed: r.final["test_accuracy"] for r in results.results if r.name == a}
-    vb = {r.seed: r.final["test_accuracy"] for r in results.results if r.name == b}
-    seeds = sorted(set(va) & set(vb))
-    return [va[x] for x in seeds], [vb[x] for x in seeds]
-
-
 def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
     """Each declared claim's test on the stored runs (``None`` where its runs are missing)."""
     groups = results.by_name()
@@ -246,13 +230,13 @@ def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
     for c in candidates(results_preset_name(results)):
         runs = groups.get(c.moe_run, [])
         control = f"experts_carry_weight_{c.name}"
-        out[control] = mcnemar(np.stack([correct_of(r) for r in runs]), np.stack([_bypass_correct(r) for r in runs])) if runs else None
-        a, b = _paired(results, c.moe_run, c.dense_run)
+        out[control] = mcnemar(np.stack([correct_of(r) for r in runs]), np.stack([bypass_correct_of(r) for r in runs])) if runs else None
+        a, b = results.paired(c.moe_run, c.dense_run)
         out[f"moe_vs_dense_{c.name}"] = paired_t(a, b) if len(a) >= 2 else None
     for claim in claims(results_preset_name(results)):
         if claim.id == "convnet_prior":
             conv, vit = claim.contrast.split(" vs ")
-            a, b = _paired(results, conv, vit)
+            a, b = results.paired(conv, vit)
             out[claim.id] = paired_t(a, b) if len(a) >= 2 else None
     return out
 
@@ -295,7 +279,7 @@ def calibration_frame(results: ChapterResults) -> pd.DataFrame:
         moe, dense = groups.get(c.moe_run, []), groups.get(c.dense_run, [])
         if not moe or not dense:
             continue
-        a, b = _paired(results, c.moe_run, c.dense_run)
+        a, b = results.paired(c.moe_run, c.dense_run)
         acc_m = np.array([r.final["test_accuracy"] for r in moe]) * 100
         acc_d = np.array([r.final["test_accuracy"] for r in dense]) * 100
         bypass = np.array([r.record["moe_bypass"]["accuracy"] for r in moe]) * 100
@@ -374,7 +358,7 @@ def plot_calibration(results: ChapterResults):
     fig, axes = plt.subplots(2, 1, figsize=(7.5, 2 * height), sharey=True)
     labels = []
     for i, c in enumerate(cands):
-        a, b = _paired(results, c.moe_run, c.dense_run)
+        a, b = results.paired(c.moe_run, c.dense_run)
         gain = (np.array(a) - np.array(b)) * 100
         loss = np.array([r.final["test_accuracy"] - r.record["moe_bypass"]["accuracy"] for r in groups[c.moe_run]]) * 100
         for ax, values in ((axes[0], gain), (axes[1], loss)):

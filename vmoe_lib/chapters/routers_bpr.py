@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..analysis import correct_of, summary_table
+from ..analysis import bypass_correct_of, correct_of, summary_table
 from ..predictions import pack_bits, unpack_bits
 from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
 from ..data import BatchLoader, ImageDataset
@@ -538,14 +538,9 @@ def claims(preset: str) -> list[Claim]:
     return out
 
 
-def _seed_values(results: ChapterResults, name: str) -> dict[int, float]:
-    return {r.seed: float(r.final["test_accuracy"]) for r in results.results if r.name == name}
-
-
 def _paired_runs(results: ChapterResults, a: str, b: str) -> TestResult | None:
-    va, vb = _seed_values(results, a), _seed_values(results, b)
-    seeds = sorted(set(va) & set(vb))
-    return paired_t([va[s] for s in seeds], [vb[s] for s in seeds]) if len(seeds) >= 2 else None
+    va, vb = results.paired(a, b)
+    return paired_t(va, vb) if len(va) >= 2 else None
 
 
 def _sweep_bits(result, k: int, bpr: bool, cf: float) -> np.ndarray | None:
@@ -572,7 +567,7 @@ def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
     groups = results.by_name()
     nodrop = {r.seed: r.record["extra"]["no_drop"]["accuracy"] for r in groups.get("softmax_tc", [])
               if "no_drop" in (r.record.get("extra") or {})}
-    dense = _seed_values(results, DENSE_RUN)
+    dense = {r.seed: float(r.final["test_accuracy"]) for r in groups.get(DENSE_RUN, [])}
     shared = sorted(set(nodrop) & set(dense))
     out["moe_vs_dense"] = paired_t([nodrop[s] for s in shared], [dense[s] for s in shared]) if len(shared) >= 2 else None
     for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
@@ -580,7 +575,7 @@ def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
         control = None
         if runs and all(r.record.get("moe_bypass") and r.record.get("predictions") for r in runs):
             control = mcnemar(np.stack([correct_of(r) for r in runs]),
-                              np.stack([unpack_bits(r.record["moe_bypass"]["correct"]) for r in runs]))
+                              np.stack([bypass_correct_of(r) for r in runs]))
         out[f"experts_carry_weight_k{k}"] = control
         tops = {max(p["capacity_factor"] for p in (r.record.get("extra") or {}).get("capacity_sweep", [{"capacity_factor": 0}]))
                 for r in runs}
