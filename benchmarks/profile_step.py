@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import write_record  # noqa: E402
 
 import vmoe_lib  # noqa: E402,F401  (registers the models)
+from vmoe_lib.chapters.recipes import TEST_BED, TEST_BED_MOE  # noqa: E402
 from vmoe_lib.layers import moe as moe_module  # noqa: E402
 from vmoe_lib.layers.aux import collect_aux_loss  # noqa: E402
 from vmoe_lib.routers import token_choice_routing  # noqa: E402
@@ -56,6 +57,8 @@ SPECS: dict[str, dict[str, Any]] = {
     "pico_k2": {"model": "vmoe_vit_pico_patch7_28", "kwargs": {}, "note": "E=8, k=2, Last-2, cf 1.05 (V-MoE defaults)"},
     "pico_k1": {"model": "vmoe_vit_pico_patch7_28", "kwargs": CHAPTER_TC, "note": "chapter 1's softmax_tc: k=1, cf 1.0"},
     "nano_k2": {"model": "vmoe_vit_nano_patch7_28", "kwargs": {}, "note": "E=8, k=2, Last-2, cf 1.05"},
+    "testbed": {"model": "vmoe_vit_pico_patch7_28", "kwargs": {"moe_layers": TEST_BED.placement, **TEST_BED_MOE},
+                "note": f"the chapters' test bed {TEST_BED.name}: k=1, cf 1.0, MoE in every block"},
 }
 SCOPES = ("forward", "backward", "optimizer", "evaluation", "moe.router", "moe.router.allocation", "moe.router.aux_losses",
           "moe.router.routing_stats", "moe.dispatch_experts_combine")
@@ -162,31 +165,35 @@ def profile(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> d
     from torch.profiler import profile as torch_profile
 
     step = make_step(model, x, y, scoped=True)
+    totals = {scope: 0.0 for scope in SCOPES}
+    totals["experts_backward"] = 0.0
     with scopes_around_moe():
         for _ in range(3):
             step()
+        # Training steps and evaluation forwards are profiled apart, so the MoE scopes of the
+        # table (router, dispatch...) are those of the training step only.
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 step()
-            with record_function("evaluation"), torch.no_grad():
-                model.eval()
-                for _ in range(steps):
+        for event in prof.key_averages():
+            if event.key in totals:
+                totals[event.key] += event.cpu_time_total
+            elif any(node in event.key for node in EXPERT_BACKWARD_NODES) and event.key.startswith("autograd::engine"):
+                totals["experts_backward"] += event.cpu_time_total
+        model.eval()
+        with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU]) as prof_eval:
+            for _ in range(steps):
+                with record_function("evaluation"):
                     model(x)
-                model.train()
-    totals = {scope: 0.0 for scope in SCOPES}
-    totals["experts_backward"] = 0.0
-    for event in prof.key_averages():
-        if event.key in totals:
-            totals[event.key] += event.cpu_time_total
-        elif any(node in event.key for node in EXPERT_BACKWARD_NODES) and event.key.startswith("autograd::engine"):
-            totals["experts_backward"] += event.cpu_time_total
+        model.train()
+    totals["evaluation"] = sum(e.cpu_time_total for e in prof_eval.key_averages() if e.key == "evaluation")
     return {scope: us / 1000.0 / steps for scope, us in totals.items()}
 
 
-def run(spec_names: list[str], steps: int, device: torch.device) -> list[dict[str, Any]]:
+def run(spec_names: list[str], steps: int, device: torch.device, batch: int = 128) -> list[dict[str, Any]]:
     rows = []
-    x = torch.randn(128, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (128,), device=device)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     for name in spec_names:
         spec = SPECS[name]
         models = build(spec, device)
@@ -217,7 +224,7 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     for r in rows:
         lines.append(f"| {r['spec']} ({r['note']}) | {r['img_per_s_moe']:.0f} | {r['img_per_s_dense_flops_matched']:.0f} | "
                      f"{r['img_per_s_dense_base']:.0f} | {r['moe_vs_flops_matched']:.2f}x | {r['moe_vs_dense_base']:.2f}x |")
-    lines += ["", "Milliseconds per training step (batch 128) in each part; MoE parts are summed over the MoE layers. "
+    lines += ["", f"Milliseconds per training step (batch {rows[0]['batch'] if rows else '-'}) in each part; MoE parts are summed over the MoE layers. "
               "Profiled steps run slower than the throughput steps (profiler overhead); compare within a column.", ""]
     parts = [("forward", "forward"), ("  MoE router: gate, noise", "moe.router"), ("    allocation (top-k, capacity)", "moe.router.allocation"),
              ("    auxiliary losses", "moe.router.aux_losses"), ("    routing statistics", "moe.router.routing_stats"),
@@ -239,9 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, from {sorted(SPECS)}")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128, help="images per step (the chapters train with 256)")
+    parser.add_argument("--pinned", action="store_true", help="the engine's pinned CPU numerics (vmoe_lib.numerics)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--label", default="", help="suffix of the output files, e.g. 'before'")
     args = parser.parse_args(argv)
+    if args.pinned and os.environ.get("VMOE_PROFILE_PINNED") != "1":
+        # The pinning variables are read when the libraries load: restart this script under them.
+        from vmoe_lib.numerics import worker_env
+
+        env = {**worker_env(args.threads, pinned=True), "VMOE_PROFILE_PINNED": "1"}
+        os.execve(sys.executable, [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env)
     names = [s.strip() for s in args.specs.split(",") if s.strip()]
     unknown = [n for n in names if n not in SPECS]
     if unknown:
@@ -249,18 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = os.getloadavg()
-    rows = run(names, args.steps, device)
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch} is invalid; it must be a positive number of images")
+    rows = run(names, args.steps, device, args.batch)
     from vmoe_lib.numerics import cpu_info
     from vmoe_lib.results import _git_sha, _versions
 
     report = {
         "benchmark": "profile_step", "rows": rows, "threads": torch.get_num_threads(), "device": str(device),
-        "cpu": cpu_info(), "versions": _versions(), "git_sha": _git_sha(), "load_average_before": load,
+        "cpu": cpu_info(), "pinned_numerics": bool(args.pinned), "versions": _versions(), "git_sha": _git_sha(), "load_average_before": load,
         "load_average_after": os.getloadavg(), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/profile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     header = (f"# One training step, profiled{f' ({args.label})' if args.label else ''}\n\n`{report['command']}` at git "
-              f"{report['git_sha']}, {report['finished_at']}; {report['cpu'].get('model')}, {report['threads']} thread(s), "
+              f"{report['git_sha']}, {report['finished_at']}; {report['cpu'].get('model')}, {report['threads']} thread(s)"
+              f"{', pinned numerics' if args.pinned else ''}, "
               f"load average {load[0]:.2f} before, {report['load_average_after'][0]:.2f} after.")
     text = markdown(rows, header)
     print(text)
