@@ -86,7 +86,8 @@ def scopes_around_moe() -> Iterator[None]:
     wrap(moe_module, "dispatch_combine", "moe.dispatch_experts_combine")
     wrap(token_choice_routing, "top_k_token_choice", "moe.router.allocation")
     for cls in _router_classes():
-        for name, label in (("loss_terms", "moe.router.aux_losses"), ("metrics", "moe.router.routing_stats")):
+        # aux_loss_and_metrics computes the weighted loss terms (loss_terms only builds them lazily).
+        for name, label in (("aux_loss_and_metrics", "moe.router.aux_losses"), ("metrics", "moe.router.routing_stats")):
             if name in vars(cls):
                 wrap(cls, name, label)
     try:
