@@ -54,7 +54,11 @@ def execute_chapters(preset: str, only: list[str] | None, allow_training: bool) 
                 f"\nchapter {nb.name} failed with preset={preset!r}:\n  {err.ename}: {err.evalue}\n"
                 f"(the executed copy with the traceback is {STAGING / 'notebooks' / nb.name})"
             ) from None
+        tidy_executed(STAGING / "notebooks" / nb.name, {"preset": preset}, allow_training)
         print(f"  done in {time.time() - started:.0f} s", flush=True)
+
+
+SCOREBOARD_MARKER = "<!-- scoreboard -->"
 
 
 def copy_sources() -> None:
@@ -63,7 +67,45 @@ def copy_sources() -> None:
     STAGING.mkdir(parents=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(ROOT / name, STAGING / name)
-    shutil.copytree(ROOT / "book", STAGING / "book")
+    shutil.copytree(ROOT / "book", STAGING / "book", ignore=shutil.ignore_patterns("_static"))
+    # Jupyter Book includes every stylesheet found in _static/ at the book's root.
+    shutil.copytree(ROOT / "book" / "_static", STAGING / "_static")
+    insert_scoreboard(STAGING / "book" / "intro.md")
+
+
+def insert_scoreboard(page: Path) -> None:
+    """Replace the landing page's scoreboard marker by the claims table generated from the committed verdicts."""
+    sys.path.insert(0, str(ROOT))
+    from vmoe_lib.book import scoreboard, scoreboard_html
+
+    text = page.read_text(encoding="utf-8")
+    if SCOREBOARD_MARKER not in text:
+        raise SystemExit(f"{page.relative_to(STAGING)} has no {SCOREBOARD_MARKER} line: the scoreboard has nowhere to go")
+    page.write_text(text.replace(SCOREBOARD_MARKER, scoreboard_html(scoreboard("cpu"))), encoding="utf-8")
+
+
+def tidy_executed(notebook: Path, parameters: dict[str, object], trained: bool) -> None:
+    """Replace papermill's injected-parameters cell by one line saying what the page was built with."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    shown = ", ".join(f"`{key} = {value!r}`" for key, value in parameters.items())
+    note = nbformat.v4.new_markdown_cell(
+        f"```{{note}}\nThis page was built by `scripts/build_book.py` with {shown} (every other parameter at its "
+        "default above)"
+        + ("; results missing from `results/` were trained for it.\n```" if trained else
+           ": its tables and figures are read from the committed results of record; nothing was trained for it.\n```")
+    )
+    cells = []
+    for cell in nb.cells:
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cells.append(note)
+            continue
+        cells.append(cell)
+    nb.cells = cells
+    for i, cell in enumerate(nb.cells):  # papermill's copy keeps the committed notebooks' id-less cells
+        cell.setdefault("id", f"cell-{i}")
+    nbformat.write(nb, notebook)
 
 
 def build_html() -> Path:

@@ -13,13 +13,13 @@ The book's chapters call this one namespace (``import vmoe_lib as vl``):
 """
 
 from ._version import __version__
-from . import errors, models, data, costs, train, results, predictions, stats, analysis, plots, chapters
+from . import errors, models, data, costs, train, results, predictions, stats, analysis, plots, chapters, book
 from .models import create_model, list_models
 from .train import TrainConfig, train_model
 from .results import load_or_run
 
 __all__ = [
     "__version__",
-    "errors", "models", "data", "costs", "train", "results", "predictions", "stats", "analysis", "plots", "chapters",
+    "errors", "models", "data", "costs", "train", "results", "predictions", "stats", "analysis", "plots", "chapters", "book",
     "create_model", "list_models", "TrainConfig", "train_model", "load_or_run",
 ]

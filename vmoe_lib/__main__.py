@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _slurm_options(args: argparse.Namespace) -> dict:
@@ -64,7 +65,34 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     verify.add_argument("--sample", type=int, default=1, help="how many recorded runs to rerun")
     verify.add_argument("--seed", type=int, default=0, help="chooses which runs (reproducibly)")
     sub.add_parser("list", help="list chapters and their presets")
+    board = sub.add_parser("scoreboard", help="print every chapter's claims and verdicts of record (or write the README's section)")
+    board.add_argument("--preset", default="cpu", help="whose verdicts.json to read (default cpu)")
+    board.add_argument("--write-readme", action="store_true", help="rewrite the README's generated scoreboard section")
+    board.add_argument("--check-readme", action="store_true", help="exit 1 when the README's section is out of date")
     return parser.parse_args(argv)
+
+
+def _scoreboard(args: argparse.Namespace) -> int:
+    from .book import readme_with_scoreboard, scoreboard, scoreboard_markdown
+    from .results import _repo_root
+
+    rows = scoreboard(args.preset)
+    if not (args.write_readme or args.check_readme):
+        print(scoreboard_markdown(rows))
+        return 0
+    readme = (_repo_root() or Path.cwd()) / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    updated = readme_with_scoreboard(text, rows)
+    if args.check_readme:
+        if updated != text:
+            print(f"{readme}: the scoreboard section is out of date; run: python -m vmoe_lib scoreboard --write-readme",
+                  file=sys.stderr)
+            return 1
+        print(f"{readme}: scoreboard up to date ({len(rows)} claims)")
+        return 0
+    readme.write_text(updated, encoding="utf-8")
+    print(f"{readme}: scoreboard section written ({len(rows)} claims)")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -129,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "verify":
             return _verify(args)
+        if args.command == "scoreboard":
+            return _scoreboard(args)
         return _run(args)
     except ConfigError as err:  # a bad setting: one line, no traceback
         print(f"error: {err}", file=sys.stderr)

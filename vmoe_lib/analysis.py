@@ -14,7 +14,21 @@ import pandas as pd
 
 from .results import RunResult
 
-__all__ = ["correct_of", "bypass_correct_of", "runs_table", "summary_table", "final_metric"]
+__all__ = ["correct_of", "bypass_correct_of", "runs_table", "summary_table", "final_metric", "mean_sd_text", "format_mean_sd"]
+
+
+def mean_sd_text(values: Sequence[float], unit: float = 100.0, digits: int = 2) -> str:
+    """``"mean ± sd"`` of ``values`` times ``unit`` (sample sd; the mean alone for one value), joined by
+    non-breaking spaces so a table cell never wraps it over several lines."""
+    v = np.asarray(values, dtype=float) * unit
+    return format_mean_sd(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), digits)
+
+
+def format_mean_sd(mean: float, sd: float, digits: int = 2) -> str:
+    """``"mean ± sd"`` with non-breaking spaces (the mean alone when ``sd`` is not finite)."""
+    if np.isfinite(sd):
+        return f"{mean:.{digits}f}\u00a0±\u00a0{sd:.{digits}f}"
+    return f"{mean:.{digits}f}"
 
 
 def correct_of(result: RunResult) -> np.ndarray:

@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..analysis import bypass_correct_of, correct_of, summary_table
+from ..analysis import bypass_correct_of, correct_of, format_mean_sd, summary_table
 from ..plots import _color, style
 from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
 from ..train import TrainConfig
@@ -171,7 +171,7 @@ def model_table(results: ChapterResults) -> pd.DataFrame:
     out["seeds"] = table["seeds"]
     for split in ("val", "test"):
         out[f"{split} acc. (%)"] = [
-            f"{m * 100:.2f} ± {s * 100:.2f}" if np.isfinite(s) else f"{m * 100:.2f}"
+            format_mean_sd(m * 100, s * 100)
             for m, s in zip(table[f"{split}_accuracy_mean"], table[f"{split}_accuracy_std"])
         ]
     return out

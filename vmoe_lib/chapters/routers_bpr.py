@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..analysis import bypass_correct_of, correct_of, summary_table
+from ..analysis import bypass_correct_of, correct_of, mean_sd_text, summary_table
 from ..predictions import pack_bits, unpack_bits
 from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
 from ..data import BatchLoader, ImageDataset
@@ -344,11 +344,7 @@ def preset_table() -> pd.DataFrame:
     return preset_frame(PRESETS)
 
 
-def _pm(values: Sequence[float], unit: float = 100.0, digits: int = 2) -> str:
-    v = np.asarray(values, dtype=float) * unit
-    if v.size > 1:
-        return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
-    return f"{v.mean():.{digits}f}"
+_pm = mean_sd_text
 
 
 def _routing_of(r) -> dict[str, dict[str, Any]]:
@@ -647,7 +643,8 @@ def plot_load_balance(results: ChapterResults):
     groups = {n: runs for n, runs in results.by_name().items() if _routing_of(runs[0])}
     names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
     layer_names = list(_routing_of(groups[names[0]][0])) if names else []
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    # Stacked, not side by side: at the book's content width three panels in a row would need 6 px text.
+    fig, axes = plt.subplots(3, 1, figsize=(7.2, 11.5))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         runs = groups[name]
@@ -669,7 +666,6 @@ def plot_load_balance(results: ChapterResults):
     axes[0].set_xlabel("expert, sorted by load")
     axes[0].set_ylabel("share of token-expert pairs (%)")
     axes[0].set_title("Expert load (solid: last MoE layer, dotted: earlier;\ndashed: perfect balance)")
-    axes[0].legend(fontsize=7)
     axes[1].set_xticks(range(len(layer_names)), [f"layer {_routing_of(groups[names[0]][0])[n]['layer']}" for n in layer_names])
     axes[1].set_ylabel("tokens dropped (%)")
     axes[1].set_title("Tokens processed by no expert (test set)")
@@ -677,7 +673,10 @@ def plot_load_balance(results: ChapterResults):
     axes[2].set_ylabel("tokens (%)")
     axes[2].set_title("Experts per token (Soft MoE: all, by construction)")
     axes[2].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    fig.tight_layout()
+    # One legend for the three panels (the same colour is the same router in each), above them.
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 1.0), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight() * (1 + (len(names) - 1) // 4)))
     return fig
 
 
@@ -685,7 +684,7 @@ def plot_capacity_sweep(results: ChapterResults):
     """V-MoE's figure: test accuracy vs inference capacity factor, vanilla (dashed) vs BPR (solid)."""
     style()
     df = sweep_frame(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    fig, axes = plt.subplots(2, 1, figsize=(7.2, 8.4), sharex=True)
     if df.empty:
         fig.suptitle("No capacity sweep stored (no softmax token-choice run in these results)")
         return fig
@@ -702,10 +701,10 @@ def plot_capacity_sweep(results: ChapterResults):
                 ax.plot(mean.index, mean.values, ls=ls, marker="o", ms=4, color=_color(i), label=f"eval k={k}, {priority}")
                 ax.fill_between(mean.index, lo.values, hi.values, color=_color(i), alpha=0.15, linewidth=0)
         ax.axvline(1.0, color="0.6", lw=1, ls=":")
-        ax.set_xlabel("inference capacity factor")
         ax.set_title(title)
-        ax.legend()
-    axes[0].set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(loc="lower right")
+    axes[-1].set_xlabel("inference capacity factor")
     fig.suptitle("Accuracy vs capacity at inference (band: min-max over seeds)")
     fig.tight_layout()
     return fig
@@ -728,7 +727,8 @@ def plot_dropped_patches(results: ChapterResults, run_name: str = "softmax_tc", 
     layer_name = list(masks[0]["experts_per_token"])[layer]
     n = pics.shape[0]
     side = pics.shape[1]
-    fig, axes = plt.subplots(len(masks), n, figsize=(1.5 * n, 1.6 * len(masks) + 0.4), squeeze=False)
+    # 0.9 in per image: eight images span the book's content width (7.2 in) with readable labels.
+    fig, axes = plt.subplots(len(masks), n, figsize=(0.9 * n, 1.0 * len(masks) + 0.6), squeeze=False)
     for row, m in enumerate(masks):
         counts = np.asarray(m["experts_per_token"][layer_name])[:n]
         patches = counts[:, 1:] if counts.shape[1] == int(round(math.sqrt(counts.shape[1] - 1))) ** 2 + 1 else counts

@@ -1,0 +1,140 @@
+"""The book's scoreboard, provenance and verdict tables (vmoe_lib.book), and the build script's notebook tidying."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import vmoe_lib as vl
+from vmoe_lib.analysis import format_mean_sd, mean_sd_text
+from vmoe_lib.book import REPOSITORY_URL, readme_with_scoreboard, scoreboard, scoreboard_html
+from vmoe_lib.chapters.base import ChapterResults
+from vmoe_lib.results import RunResult
+from vmoe_lib.stats import VerdictRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _committed_verdict_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "results/cpu/*/verdicts.json"], cwd=ROOT, capture_output=True, text=True)
+    return [ROOT / line for line in out.stdout.split()] if out.returncode == 0 else sorted(ROOT.glob("results/cpu/*/verdicts.json"))
+
+
+def test_scoreboard_lists_exactly_the_committed_claims_in_book_order():
+    files = _committed_verdict_files()
+    assert files, "no committed verdicts.json"
+    expected = {f"{f.parent.name}:{r['claim_id']}" for f in files for r in json.loads(f.read_text())}
+    rows = scoreboard("cpu")
+    assert [r.key for r in rows if r.key in expected] == [r.key for r in rows]
+    assert {r.key for r in rows} == expected and len(rows) == len(expected)
+    # Chapter order follows the notebooks' numbers; every chapter with verdicts has its notebook.
+    notebooks = [r.notebook for r in rows]
+    assert notebooks == sorted(notebooks) and all((ROOT / "notebooks" / f"{n}.ipynb").exists() for n in notebooks)
+
+
+def test_scoreboard_html_has_one_row_per_claim_with_its_badge_and_counts():
+    rows = scoreboard("cpu")
+    page = scoreboard_html(rows)
+    keys = re.findall(r'data-claim="([^"]+)"', page)
+    assert keys == [r.key for r in rows]
+    for verdict in ("reproduced", "not reproduced", "inconclusive", "not testable"):
+        n = sum(r.verdict == verdict for r in rows)
+        assert f">{n} {verdict}</span>" in page
+    assert page.count('class="vmoe-badge vmoe-') == len(rows) + 4
+
+
+def test_readme_scoreboard_section_is_generated_and_current():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme_with_scoreboard(readme, scoreboard("cpu")) == readme, (
+        "README's scoreboard is out of date: run python -m vmoe_lib scoreboard --write-readme")
+    with pytest.raises(ValueError, match="scoreboard section"):
+        readme_with_scoreboard("# no markers here\n", [])
+
+
+def test_scoreboard_without_verdicts_names_the_preset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="preset='cpu'"):
+        scoreboard("cpu", root=tmp_path)
+
+
+def test_repository_url_matches_the_book_config():
+    config = (ROOT / "_config.yml").read_text(encoding="utf-8")
+    assert re.search(r"^\s*url:\s*(\S+)", config, re.M).group(1) == REPOSITORY_URL
+
+
+def test_mean_sd_text_hand_worked_and_never_wraps():
+    # [80, 82] points: mean 81.00, sample sd sqrt(((80-81)^2 + (82-81)^2) / 1) = sqrt(2) = 1.41
+    assert mean_sd_text([0.80, 0.82]) == "81.00\u00a0±\u00a01.41"
+    assert mean_sd_text([0.8]) == "80.00"
+    assert format_mean_sd(1.0, float("nan")) == "1.00"
+
+
+def _run(name: str, seed: int, wall: float, threads: int, sha: str, finished: str) -> RunResult:
+    manifest = {"wall_time_s": wall, "finished_at": finished, "git_sha": sha,
+                "hardware": {"cpu_model": "Test CPU", "torch_threads": threads},
+                "numerics": {"pinned": True}, "versions": {"torch": "2.0", "timm": "1.0"}}
+    return RunResult(name=name, seed=seed, config=None, record={}, manifest=manifest, path=Path("x.json"))  # type: ignore[arg-type]
+
+
+def test_provenance_reads_the_manifests():
+    results = ChapterResults("routers_bpr", "cpu", [
+        _run("a", 0, 1800.0, 2, "a" * 40, "2026-12-01T10:00:00+00:00"),
+        _run("b", 1, 3600.0, 1, "b" * 40, "2026-12-02T11:30:00+00:00"),
+    ])
+    facts = vl.book.provenance(results)["value"]
+    assert facts["runs"] == "2 runs, seeds [0, 1]"
+    assert facts["finished"] == "2026-12-01 10:00 UTC to 2026-12-02 11:30 UTC"
+    assert facts["git commit(s)"] == "aaaaaaa (1 runs), bbbbbbb (1 runs)"
+    assert facts["torch threads per run"] == "2 (1 runs), 1 (1 runs)"
+    assert facts["numerics pinned"] == "true"
+    # 1800 s x 2 threads + 3600 s x 1 thread = 7200 core-seconds = 2.00 core-hours
+    assert facts["CPU time"].startswith("2.00 core-hours")
+    assert facts["records"] == f"{REPOSITORY_URL}/tree/main/results/cpu/routers_bpr/"
+
+
+def test_verdict_table_shows_every_claim_with_badge_and_numbers():
+    record = VerdictRecord(
+        claim_id="x_beats_y", claim="X beats Y", source="Paper (Sec. 1)", contrast="x vs y", metric="test_accuracy",
+        direction="greater", min_effect=0.5, paired=True, test="paired_t", family="f", n=6, effect=0.7, bound=1.2,
+        p_value=0.01, p_holm=0.03, mde=0.6, control=None, verdict="reproduced", why="Holm p 0.03 < 0.05",
+        interval=(0.2, 1.2),
+    )
+    table = vl.book.verdict_table([record])
+    page = table._repr_html_()
+    assert 'data-claim-id="x_beats_y"' in page and 'class="vmoe-badge vmoe-reproduced"' in page
+    for text in ("+0.70", "[+0.20, +1.20]", "0.5", "0.01", "(0.03)", "0.60", "paired_t", "Holm p 0.03 &lt; 0.05"):
+        assert text in page, text
+    assert table.frame().loc["x_beats_y", "verdict"] == "reproduced"
+
+
+def _build_script():
+    spec = importlib.util.spec_from_file_location("build_book", ROOT / "scripts" / "build_book.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_replaces_papermills_parameter_cell_by_one_line(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('preset = "smoke"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell('# Parameters\npreset = "cpu"\n', metadata={"tags": ["injected-parameters"]}),
+                nbformat.v4.new_code_cell("print(preset)")]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    _build_script().tidy_executed(path, {"preset": "cpu"}, trained=False)
+    cells = nbformat.read(path, as_version=4).cells
+    assert [c.cell_type for c in cells] == ["code", "markdown", "code"]
+    assert "`preset = 'cpu'`" in cells[1].source and "nothing was trained" in cells[1].source
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in cells)
+
+
+def test_cli_scoreboard_check_readme_passes():
+    out = subprocess.run([sys.executable, "-m", "vmoe_lib", "scoreboard", "--check-readme"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
