@@ -150,7 +150,7 @@ def scoreboard_html(rows: Sequence[ScoreboardRow], *, page_prefix: str = "../not
     """
     counts = _counts(rows)
     badges = " ".join(verdict_badge(v, f"{counts.get(v, 0)} {v}") for v in VERDICT_ORDER)
-    out = [f'<div class="vmoe-scoreboard"><p class="vmoe-counts">{len(rows)} claims: {badges}</p>',
+    out = [f'<div class="vmoe-scoreboard vmoe-table-scroll"><p class="vmoe-counts">{len(rows)} claims: {badges}</p>',
            '<table class="vmoe-scoreboard-table"><thead><tr><th>verdict</th><th>claim (paper)</th>'
            '<th>effect<br>(upper bound)</th><th>MDE</th><th>chapter</th></tr></thead><tbody>']
     for r in rows:
@@ -236,7 +236,7 @@ def provenance(results: ChapterResults) -> pd.DataFrame:
 class VerdictTable:
     """A chapter's verdicts as a table that fits a book page (HTML in notebooks, Markdown elsewhere).
 
-    One row per claim: the claim (id, text, paper, and the rule's reason under it), the verdict badge, the effect
+    One row per claim: the verdict badge with the claim (id, text, paper, and the rule's reason under it), the effect
     with its 90% interval (whose ends are the one-sided 95% bounds the rule reads), the smallest effect of
     interest, raw and Holm p, the design's MDE, n and the test. The same numbers as
     :func:`vmoe_lib.stats.verdict_frame`, laid out so that only the claim column wraps.
@@ -253,14 +253,15 @@ class VerdictTable:
 
     def _repr_html_(self) -> str:
         frame = self.frame()
-        out = ['<div class="vmoe-table-scroll"><table class="vmoe-verdicts"><thead><tr><th>claim</th><th>verdict</th>'
+        out = ['<div class="vmoe-table-scroll"><table class="vmoe-verdicts"><thead><tr><th>verdict and claim</th>'
                "<th>effect<br>[90% interval]</th><th>min<br>effect</th><th>p<br>(Holm)</th><th>MDE</th>"
                "<th>n, test</th></tr></thead><tbody>"]
         for record, (claim_id, row) in zip(self.records, frame.iterrows()):
             out.append(
-                f'<tr data-claim-id="{html.escape(str(claim_id))}"><td class="vmoe-claim"><strong>{html.escape(str(claim_id))}'
-                f"</strong>: {html.escape(record.claim)}<br><small>{html.escape(record.source)}</small><br>"
-                f'<small class="vmoe-why">{html.escape(record.why)}</small></td><td>{verdict_badge(record.verdict)}</td>'
+                f'<tr data-claim-id="{html.escape(str(claim_id))}"><td class="vmoe-claim">{verdict_badge(record.verdict)} '
+                f"<strong>{html.escape(str(claim_id))}</strong>: {html.escape(record.claim)}<br>"
+                f"<small>{html.escape(record.source)}</small><br>"
+                f'<small class="vmoe-why">{html.escape(record.why)}</small></td>'
                 f'<td class="vmoe-num">{html.escape(row["effect (points)"])}<br><small>{html.escape(row["90% interval"])}</small></td>'
                 f'<td class="vmoe-num">{html.escape(row["min effect"])}</td>'
                 f'<td class="vmoe-num">{html.escape(row["p"])}<br><small>({html.escape(row["Holm p"])})</small></td>'
