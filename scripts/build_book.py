@@ -120,6 +120,16 @@ def build_html() -> Path:
     return index
 
 
+def use_this_checkouts_library() -> None:
+    """Chapters' kernels and autodoc import vmoe_lib from this checkout.
+
+    Without this they import whichever checkout the venv's editable install points at (another git
+    worktree, say), so the book would show that library's docstrings and run its code.
+    """
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="preset the chapters are executed with (default: cpu, the results of record)")
@@ -127,6 +137,7 @@ def main() -> int:
     parser.add_argument("--allow-training", action="store_true", help="train missing results instead of failing")
     args = parser.parse_args()
     started = time.time()
+    use_this_checkouts_library()
     copy_sources()
     execute_chapters(args.preset, args.only, args.allow_training)
     if args.only:

@@ -36,13 +36,28 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]
   touch "$STAMP"
 fi
 
-# Fashion-MNIST, the offline default data: Debian's package, when we can install it.
+# Debian packages, when we can install them (root with apt-get):
+#   dataset-fashion-mnist           Fashion-MNIST, the offline default data;
+#   chromium, chromium-driver       headless browser of tests/test_book_browser.py (make test).
+APT_PACKAGES=()
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  APT_PACKAGES+=(dataset-fashion-mnist)
+fi
+if ! command -v chromedriver >/dev/null 2>&1 || ! { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }; then
+  APT_PACKAGES+=(chromium chromium-driver)
+fi
+if [ ${#APT_PACKAGES[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing Debian's dataset-fashion-mnist"
-    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    echo "== installing Debian's ${APT_PACKAGES[*]}"
+    apt-get update -qq && apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
   else
-    echo "!! Fashion-MNIST not found in /usr/share/datasets/fashion-mnist and cannot apt-get it here;"
-    echo "   put the four IDX .gz files in ~/.cache/vmoe/fashion_mnist or set VMOE_DATA_DIR (see README)."
+    case " ${APT_PACKAGES[*]} " in *" dataset-fashion-mnist "*)
+      echo "!! Fashion-MNIST not found in /usr/share/datasets/fashion-mnist and cannot apt-get it here;"
+      echo "   put the four IDX .gz files in ~/.cache/vmoe/fashion_mnist or set VMOE_DATA_DIR (see README)." ;;
+    esac
+    case " ${APT_PACKAGES[*]} " in *" chromium "*)
+      echo "!! headless Chromium not found and cannot apt-get it here: the book's browser test is skipped"
+      echo "   (make test fails on it); install it with: sudo apt-get install chromium chromium-driver" ;;
+    esac
   fi
 fi

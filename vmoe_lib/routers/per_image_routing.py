@@ -43,8 +43,9 @@ class PerImageRouter(GatedRouter):
         renormalize: make the ``k`` combine weights of an image sum to 1.
         superclass_loss_weight: ``lambda`` of the guidance loss (paper: 0.3); used only when
             :attr:`superclass_targets` is set.
-        noise_std, gate, gate_hidden_dim, *_loss_weight: as :class:`.GatedRouter`; the balance
-            losses treat the batch of images as one routing group.
+        noise_std, gate, gate_hidden_dim: as :class:`.GatedRouter`.
+        importance_loss_weight, load_loss_weight, balance_loss_weight, z_loss_weight: as
+            :class:`.GatedRouter`; the balance losses treat the batch of images as one routing group.
 
     Attributes:
         superclass_targets: ``LongTensor (G,)`` or ``None``; set by the caller before ``forward``.
