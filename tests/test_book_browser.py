@@ -5,8 +5,9 @@ Serves ``_build/book/_build/html`` on 127.0.0.1 and drives headless Chromium (De
 
 * every ``<img>`` of the book loaded (``naturalWidth > 0``);
 * nothing wider than the viewport: the page does not scroll sideways
-  (``document.documentElement.scrollWidth <= clientWidth``) and no element is wider than the viewport, not
-  even inside a box that scrolls (a wide table); lines of code in ``<pre>`` may scroll in their box. A failure
+  (``document.documentElement.scrollWidth <= clientWidth``) and no element is wider than the viewport unless it
+  sits in a box that scrolls sideways (the issue's place for a wide table); lines of code in ``<pre>`` may scroll
+  in their box. A failure
   names the outermost offending elements (tag, id, class, width, right edge, the section they are in);
 * no JavaScript console error (level SEVERE), except failed requests to the known external hosts listed in
   ``OFFLINE_HOSTS`` (the browser is kept offline, see below);
@@ -173,12 +174,18 @@ function inspect() {
     }
     return false;
   };
+  const scrolls = el => {  // inside a box that scrolls sideways: the issue's place for a wide table
+    for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+      if (["auto", "scroll"].includes(getComputedStyle(a).overflowX)) return true;
+    }
+    return false;
+  };
   const block = el => {  // an inline element is reported by the block it sits in
     while (el.parentElement && el.parentElement !== document.body && getComputedStyle(el).display.startsWith("inline"))
       el = el.parentElement;
     return el;
   };
-  // Wider than the viewport even inside a box that scrolls (a reader has to scroll sideways to read it),
+  // Wider than the viewport outside a box that scrolls sideways (a wide table belongs in such a box),
   // or sticking out past its right edge so that the page itself scrolls. Lines of code inside <pre>
   // scroll in their own box by design and are not counted; a <pre> itself is.
   const found = new Map();
@@ -188,7 +195,7 @@ function inspect() {
     if (r.width === 0) continue;
     const style = getComputedStyle(el);
     if (style.position === "fixed" || style.visibility === "hidden") continue;
-    if (r.width > vw + 0.5) found.set(el, {why: "wider than the viewport", right: r.right});
+    if (r.width > vw + 0.5 && !scrolls(el)) found.set(el, {why: "wider than the viewport", right: r.right});
     else if (r.right > vw + 0.5 && !clips(el)) {
       const b = block(el), seen = found.get(b);
       if (!seen) found.set(b, {why: b === el ? "sticks out on the right" : "its text sticks out on the right", right: r.right});

@@ -75,12 +75,10 @@ def load_loss(logits: torch.Tensor, noisy_logits: torch.Tensor, noise_std: float
     if not 1 <= k <= logits.shape[-1]:
         raise ConfigError(f"k={k!r} must satisfy 1 <= k <= E={logits.shape[-1]}")
     logits, noisy_logits = logits.float(), noisy_logits.float()
-    if k == 1:
-        # The same value and gradient as topk's (one element selected), at a tenth of topk's CPU cost
-        # over a short expert axis (~25 vs ~210 us for (32, 136, 8)).
-        threshold = noisy_logits.max(dim=-1, keepdim=True).values  # (..., S, 1)
-    else:
-        threshold = torch.topk(noisy_logits, k, dim=-1).values[..., -1:]  # (..., S, 1)
+    # torch.topk even for k = 1, though max is several times cheaper on a CPU over a short expert axis: a max
+    # node changes the order in which autograd sums the logits' gradients, so trained models (and the
+    # chapters' records) would no longer be bit-identical (measured: a test-bed record's rerun differed).
+    threshold = torch.topk(noisy_logits, k, dim=-1).values[..., -1:]  # (..., S, 1)
     # 1 - Phi(z) == Phi(-z); ndtr(-z) keeps precision when Phi(z) is close to 1.
     prob = torch.special.ndtr((logits - threshold) / noise_std)  # (..., S, E)
     return _squared_cv(prob.mean(dim=-2)).mean()
