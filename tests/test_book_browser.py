@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import html
 import json
 import os
 import re
@@ -420,3 +421,27 @@ def test_library_shows_no_inherited_torch_docstrings(built_book):
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
     leaks = [phrase for phrase in TORCH_DOCSTRING_LEAKS if phrase in text]
     assert not leaks, f"book/library.html shows torch's docstrings: {leaks}"
+
+
+# What a rendered page must never show: a Python warning in a cell's output, the build machine's paths,
+# progress-bar residue, or papermill's raw injected-parameters cell.
+OUTPUT_RESIDUE = {
+    "a Python warning": re.compile(r"\b\w*Warning: "),
+    "a local path": re.compile(r"(?<![\w.])/(?:work|root|home|tmp)/[\w.-]+/"),
+    "progress-bar residue": re.compile(r"\d+it/s\]|\d+%\|"),
+    "papermill's parameters cell": re.compile(r"injected-parameters|# Parameters\b"),
+}
+
+
+def test_rendered_pages_show_no_warnings_paths_or_residue(built_book):
+    """Chapters are rendered clean: the checks the issue lists, on the text of every built page."""
+    problems = []
+    for page in _pages():
+        text = (built_book / page).read_text(encoding="utf-8")
+        text = re.sub(r"<script\b.*?</script>|<style\b.*?</style>", " ", text, flags=re.S)
+        text = html.unescape(re.sub(r"<[^>]+>", "", text))
+        for what, pattern in OUTPUT_RESIDUE.items():
+            match = pattern.search(text)
+            if match:
+                problems.append(f"{page}: {what}: ...{text[max(0, match.start() - 60):match.end() + 40]!r}...")
+    assert not problems, "\n".join(problems)
