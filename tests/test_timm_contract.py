@@ -108,6 +108,15 @@ def test_registry_build_is_the_dense_model_with_its_mlps_replaced(name):
     assert model.moe_config == direct.moe_config
 
 
+def test_pretrained_cfg_overlay_is_applied_and_recorded():
+    # timm reads num_classes / in_chans from the config; the stored moe_config must rebuild the same model.
+    model = timm.create_model("vmoe_vit_test_patch7_28", pretrained_cfg_overlay=dict(num_classes=5))
+    assert model.num_classes == 5 and model.pretrained_cfg["num_classes"] == 5
+    config = model.moe_config
+    rebuilt = timm.create_model(config["model"], **config["model_kwargs"], **config["moe_kwargs"])
+    assert rebuilt.num_classes == 5
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_pretrained_true_says_no_weights_exist(name):
     with pytest.raises(ConfigError, match=rf"pretrained=True is invalid for {name}: no pretrained weights exist"):

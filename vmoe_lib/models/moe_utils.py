@@ -242,11 +242,14 @@ def moe_factory(
 
         def build(**resolved: Any) -> nn.Module:
             # ``resolved`` is ``model_kwargs`` plus the defaults timm reads from the pretrained
-            # config (num_classes, in_chans, img_size), which equal the dense model's own defaults.
+            # config (num_classes, in_chans, img_size): with the registered config they equal the
+            # dense model's own defaults, and moe_config records the caller's kwargs (as always);
+            # a caller's pretrained_cfg(_overlay) may change them, so then the resolved ones are kept.
             for key in ignore:
                 resolved.pop(key, None)
+            recorded = dict(resolved) if timm_kwargs.keys() & {"pretrained_cfg", "pretrained_cfg_overlay"} else model_kwargs
             dense = timm.create_model(base, pretrained=False, **resolved)
-            model = from_dense(dense, name=name, dense_name=base, model_kwargs=model_kwargs, **moe)
+            model = from_dense(dense, name=name, dense_name=base, model_kwargs=recorded, **moe)
             if features_only:
                 check_out_indices(features["out_indices"], len(model.feature_info), name)
             return model
