@@ -262,6 +262,16 @@ class MoEMlp(nn.Module):
         state["last_metrics"] = {}
         return state
 
+    def __prepare_scriptable__(self) -> MoEMlp:
+        """``torch.jit.script`` calls this on every submodule first: fail with a plain reason instead
+        of a TorchScript frontend error deep inside a router (see ``vmoe_lib.models.timm_contract``)."""
+        raise RuntimeError(
+            "MoEMlp cannot be compiled by TorchScript (torch.jit.script): its routers return a Routing "
+            "dataclass with optional fields and are chosen by name, and the dispatch backend is picked at "
+            "run time. Run the model eagerly, or trace it with torch.fx using timm's leaf modules "
+            "(timm.models.get_notrace_modules() includes MoEMlp once vmoe_lib.models is imported)."
+        )
+
     # ----------------------------------------------------------------------
     @torch.no_grad()
     def load_dense_mlp(self, mlp: nn.Module, shared_too: bool = True) -> None:

@@ -23,6 +23,7 @@ from .moe_utils import (
 )
 from .moe_vit import moe_vit_from_dense, moe_vit_model_names
 from .placement import resolve_moe_layers, resolve_stage_moe_layers
+from .timm_contract import TIMM_CONTRACT_EXCLUSIONS
 
 __all__ = ["create_model", "list_models", "DENSE_VIT_SIZES", "DENSE_CONVNEXT_SIZES", "dense_model_names"]
 __all__ += [
@@ -38,6 +39,7 @@ __all__ += [
     "resolve_stage_moe_layers",
     "save_moe_model",
     "set_routing",
+    "TIMM_CONTRACT_EXCLUSIONS",
     "upcycle_from_dense",
 ]
 

@@ -20,7 +20,9 @@ from timm.models import register_model
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["DENSE_VIT_SIZES", "DENSE_CONVNEXT_SIZES", "dense_model_names"]
+from ..errors import check_choice
+
+__all__ = ["DENSE_VIT_SIZES", "DENSE_CONVNEXT_SIZES", "dense_model_names", "dense_input_cfg"]
 
 # name -> VisionTransformer arguments. Patch 7 on 28x28 gives 4x4 = 16 patches + 1 class token.
 DENSE_VIT_SIZES: dict[str, dict[str, Any]] = {
@@ -42,6 +44,10 @@ DENSE_CONVNEXT_SIZES: dict[str, dict[str, Any]] = {
 
 _VIT_DEFAULTS = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, mlp_ratio=4.0)
 _CONVNEXT_DEFAULTS = dict(in_chans=1, num_classes=10)
+CONVNEXT_IMG_SIZE = 32  # the small ConvNeXts' input side; the stem and three downsamplings reduce it 32x
+# Fashion-MNIST training-set pixel statistics (the default 1-channel input). vmoe_lib.data normalises
+# with the statistics it measures on the training split of whatever dataset it loads.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 # Keys timm.create_model passes to every factory; our models have no pretrained weights.
 _TIMM_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
@@ -53,6 +59,30 @@ def _model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def dense_model_names() -> list[str]:
     """Names of the dense small-image backbones this module registers with timm."""
     return sorted([*DENSE_VIT_SIZES, *DENSE_CONVNEXT_SIZES])
+
+
+def dense_input_cfg(name: str) -> dict[str, Any]:
+    """The timm pretrained-config fields that describe the input and head of the dense size ``name``.
+
+    ``input_size`` is ``(in_chans, H, W)`` of the model as built with its defaults (1 channel:
+    Fashion-MNIST; the CIFAR presets pass ``in_chans=3``), ``mean``/``std`` are per channel,
+    ``first_conv``/``classifier`` are the parameter names timm's adapters look for. Derived from
+    the size tables above, so the config cannot drift from the model it describes.
+    """
+    check_choice("name", name, dense_model_names())
+    common = dict(crop_pct=1.0, interpolation="bilinear", mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    if name in DENSE_VIT_SIZES:
+        args = {**_VIT_DEFAULTS, **DENSE_VIT_SIZES[name]}
+        return dict(
+            common, input_size=(args["in_chans"], args["img_size"], args["img_size"]), fixed_input_size=True,
+            pool_size=None, num_classes=args["num_classes"], first_conv="patch_embed.proj", classifier="head",
+        )
+    args = {**_CONVNEXT_DEFAULTS, **DENSE_CONVNEXT_SIZES[name]}
+    side = CONVNEXT_IMG_SIZE // 32
+    return dict(
+        common, input_size=(args["in_chans"], CONVNEXT_IMG_SIZE, CONVNEXT_IMG_SIZE), pool_size=(side, side),
+        num_classes=args["num_classes"], first_conv="stem.0", classifier="head.fc",
+    )
 
 
 def _vit_factory(name: str):

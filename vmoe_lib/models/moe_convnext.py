@@ -15,6 +15,9 @@ order (default ``"last-2"``: the last two odd blocks, which for ConvNeXt-atto's
 depths (2, 2, 6, 2) are the last block of stage 2 and of stage 3), or per
 stage, e.g. ``{3: "all"}`` or ``"s2:last-1,s3:last-1"``. Other MoE keyword
 arguments as for the MoE ViTs (:mod:`.moe_vit`).
+
+timm's model contract as for the MoE ViTs (:mod:`.timm_contract`); ``features_only=True`` gives
+the outputs of the four stages, as timm's ConvNeXts.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 
 from .dense import DENSE_CONVNEXT_SIZES
 from .moe_utils import mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
 from .placement import describe_layers, resolve_stage_moe_layers
+from .timm_contract import moe_pretrained_cfg
 
 __all__ = ["MOE_CONVNEXT_BASES", "moe_convnext_from_dense", "moe_convnext_model_names"]
 
@@ -62,8 +66,17 @@ def moe_convnext_from_dense(dense: nn.Module, *, name: str = "", dense_name: str
     return dense
 
 
+# timm's register_model reads each model's pretrained config from this module's ``default_cfgs``.
+default_cfgs = generate_default_cfgs({
+    f"vmoe_{base}": moe_pretrained_cfg(
+        base, paper_name="Mixture of Experts in Image Classification: What's the Sweet Spot?", paper_ids="arXiv:2411.18322"
+    )
+    for base in MOE_CONVNEXT_BASES
+})
+
 for _base in MOE_CONVNEXT_BASES:
     register_model(moe_factory(
         _base, moe_convnext_from_dense, family="ConvNeXt", module=__name__,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),  # timm's ConvNeXt: the 4 stages
         ignore=("img_size",) if _base in DENSE_CONVNEXT_SIZES else (),  # size-agnostic; accepted for a uniform API
     ))

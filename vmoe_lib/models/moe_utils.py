@@ -44,6 +44,7 @@ __all__ = [
     "save_moe_model",
     "load_moe_model",
     "moe_factory",
+    "check_out_indices",
 ]
 
 # MoE model keyword arguments and their defaults (the rest goes to the timm model).
@@ -65,7 +66,10 @@ MOE_DEFAULTS: dict[str, Any] = dict(
 EXPERT_INIT_CHOICES = ("same", "independent", "upcycle")
 # timm's ViT and ConvNeXt initialise every linear layer with a truncated normal of this std.
 TIMM_INIT_STD = 0.02
-_TIMM_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# Keys timm.create_model passes to every model function (not model arguments).
+_TIMM_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
+# Feature-extraction keys of timm's build_model_with_cfg (besides ``features_only``).
+_FEATURE_KEYS = ("out_indices", "feature_cls")
 
 
 def split_moe_kwargs(kwargs: dict[str, Any], defaults: dict[str, Any] | None = None) -> tuple[dict, dict]:
@@ -174,33 +178,85 @@ def mark_moe_model(model: nn.Module, config: dict[str, Any]) -> None:
     model.extra_repr = functools.partial(_fixed_repr, "moe: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
 
+def check_out_indices(out_indices: Any, levels: int, name: str) -> None:
+    """Raise :class:`ConfigError` unless ``out_indices`` selects feature levels of a model with ``levels``.
+
+    timm's meaning: an int ``n`` takes the last ``n`` levels; a sequence lists level indices
+    (negative ones count from the end).
+    """
+    if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+        if not 1 <= out_indices <= levels:
+            raise ConfigError(f"out_indices={out_indices!r} is invalid for {name}: an int takes the last n of its "
+                              f"{levels} feature levels, so 1 <= n <= {levels}")
+        return
+    ok = isinstance(out_indices, (list, tuple)) and len(out_indices) > 0
+    ok = ok and all(isinstance(i, int) and not isinstance(i, bool) and -levels <= i < levels for i in out_indices)
+    if not ok:
+        raise ConfigError(f"out_indices={out_indices!r} is invalid for {name}: use an int n (the last n levels) or a "
+                          f"non-empty tuple of level indices in [{-levels}, {levels - 1}] ({levels} feature levels)")
+
+
 def moe_factory(
     base: str,
     from_dense: Callable[..., nn.Module],
     *,
     family: str,
     module: str,
+    feature_cfg: dict[str, Any],
     defaults: dict[str, Any] | None = None,
     ignore: Sequence[str] = (),
 ) -> Callable[..., nn.Module]:
     """A timm model function ``vmoe_<base>``: build timm's dense ``base``, then ``from_dense`` swaps in MoE layers.
 
-    ``defaults`` are MoE keyword defaults for this base (e.g. its placement); keyword arguments named
-    in ``ignore`` are accepted and dropped (a uniform API across families). The function's
-    ``__module__`` is ``module``, so timm files the model under the family's module.
+    The model goes through timm's ``build_model_with_cfg`` as timm's own models do: it gets the
+    pretrained config registered for ``vmoe_<base>`` (``model.pretrained_cfg``/``default_cfg``),
+    and ``features_only=True`` (with ``out_indices``, ``feature_cls``) wraps the finished MoE
+    model, so the feature extractor keeps the MoE blocks. ``feature_cfg`` is the family's
+    feature-extractor default (as timm's ``_create_vision_transformer`` / ``_create_convnext``).
+    ``defaults`` are MoE keyword defaults for this base (e.g. its placement); keyword arguments
+    named in ``ignore`` are accepted and dropped (a uniform API across families). The function's
+    ``__module__`` is ``module``, so timm files the model (and finds its ``default_cfgs``) there.
+    ``pretrained=True`` raises :class:`ConfigError`: no weights are published.
     """
     import timm  # noqa: PLC0415 (timm is only needed when a model is built)
+    from timm.models import build_model_with_cfg  # noqa: PLC0415
 
     name = f"vmoe_{base}"
 
     def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         if pretrained:
-            raise ValueError(f"pretrained=True: no pretrained MoE weights exist for {name}; see upcycle_from_dense")
+            raise ConfigError(
+                f"pretrained={pretrained!r} is invalid for {name}: no pretrained weights exist for it "
+                "(its pretrained_cfg has no url or hf_hub_id); use pretrained=False, then train it or "
+                "load a dense checkpoint with vmoe_lib.models.upcycle_from_dense"
+            )
         moe, model_kwargs = split_moe_kwargs(kwargs, defaults)
+        timm_kwargs = {key: kwargs[key] for key in _TIMM_FACTORY_KEYS if kwargs.get(key) is not None}
+        features = {**feature_cfg, **(model_kwargs.pop("feature_cfg", None) or {})}
+        for key in _FEATURE_KEYS:  # popped here as timm's ViT does, so they never reach the model
+            if key in model_kwargs:
+                features[key] = model_kwargs.pop(key)
+        features_only = model_kwargs.pop("features_only", False)
         for key in ignore:
             model_kwargs.pop(key, None)
-        dense = timm.create_model(base, pretrained=False, **model_kwargs)
-        return from_dense(dense, name=name, dense_name=base, model_kwargs=model_kwargs, **moe)
+
+        def build(**resolved: Any) -> nn.Module:
+            # ``resolved`` is ``model_kwargs`` plus the defaults timm reads from the pretrained
+            # config (num_classes, in_chans, img_size): with the registered config they equal the
+            # dense model's own defaults, and moe_config records the caller's kwargs (as always);
+            # a caller's pretrained_cfg(_overlay) may change them, so then the resolved ones are kept.
+            for key in ignore:
+                resolved.pop(key, None)
+            recorded = dict(resolved) if timm_kwargs.keys() & {"pretrained_cfg", "pretrained_cfg_overlay"} else model_kwargs
+            dense = timm.create_model(base, pretrained=False, **resolved)
+            model = from_dense(dense, name=name, dense_name=base, model_kwargs=recorded, **moe)
+            if features_only:
+                check_out_indices(features["out_indices"], len(model.feature_info), name)
+            return model
+
+        return build_model_with_cfg(
+            build, name, False, feature_cfg=features, features_only=features_only, **timm_kwargs, **model_kwargs
+        )
 
     create.__name__ = create.__qualname__ = name
     create.__module__ = module

@@ -25,6 +25,11 @@ MoE keyword arguments (defaults in :data:`~vmoe_lib.models.moe_utils.MOE_DEFAULT
 the timm model (``img_size``, ``num_classes``, ``drop_path_rate``...).
 
 The resolved MoE layer indices are in ``model.moe_config`` and ``repr(model)``.
+
+The models keep timm's model contract (:mod:`.timm_contract`): a registered ``pretrained_cfg``
+(no weights are published: ``pretrained=True`` raises), ``forward_intermediates``, and
+``features_only=True`` with ``out_indices`` (block outputs, MoE blocks included; default the last
+3 blocks, as timm's ViTs).
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 
 from .dense import DENSE_VIT_SIZES
 from .moe_utils import mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
 from .placement import describe_layers, resolve_moe_layers
+from .timm_contract import moe_pretrained_cfg
 
 __all__ = ["MOE_VIT_BASES", "moe_vit_from_dense", "moe_vit_model_names"]
 
@@ -63,9 +69,17 @@ def moe_vit_from_dense(dense: nn.Module, *, name: str = "", dense_name: str = ""
     return dense
 
 
+# timm's register_model reads each model's pretrained config from this module's ``default_cfgs``.
+default_cfgs = generate_default_cfgs({
+    f"vmoe_{base}": moe_pretrained_cfg(base, paper_name="Scaling Vision with Sparse Mixture of Experts", paper_ids="arXiv:2106.05974")
+    for base in MOE_VIT_BASES
+})
+
 for _base in MOE_VIT_BASES:
     _depth = DENSE_VIT_SIZES.get(_base, {}).get("depth", 12)
     register_model(moe_factory(
         _base, moe_vit_from_dense, family="ViT", module=__name__,
+        # timm's ViT default (the last 3 blocks' outputs), at most every block of the 2-block test size
+        feature_cfg=dict(out_indices=min(3, _depth), feature_cls="getter"),
         defaults={"moe_layers": "last-2" if _depth >= 4 else "last-1"},
     ))
