@@ -111,6 +111,8 @@ def test_verdict_table_shows_every_claim_with_badge_and_numbers():
     for text in ("+0.70", "[+0.20, +1.20]", "0.5", "0.01", "(0.03)", "0.60", "paired_t", "Holm p 0.03 &lt; 0.05"):
         assert text in page, text
     assert table.frame().loc["x_beats_y", "verdict"] == "reproduced"
+    linked = vl.book.verdict_table([record], ROOT / "results" / "cpu" / "routers_bpr" / "verdicts.json")._repr_html_()
+    assert f'<a href="{REPOSITORY_URL}/blob/main/results/cpu/routers_bpr/verdicts.json"' in linked
 
 
 def _build_script():

@@ -242,8 +242,9 @@ class VerdictTable:
     :func:`vmoe_lib.stats.verdict_frame`, laid out so that only the claim column wraps.
     """
 
-    def __init__(self, records: Sequence[VerdictRecord]) -> None:
+    def __init__(self, records: Sequence[VerdictRecord], data: str | Path | None = None) -> None:
         self.records = list(records)
+        self.data_url = _repository_url_of(data) if data is not None else None
 
     def frame(self) -> pd.DataFrame:
         """The table as a DataFrame (:func:`vmoe_lib.stats.verdict_frame`)."""
@@ -259,7 +260,7 @@ class VerdictTable:
         for record, (claim_id, row) in zip(self.records, frame.iterrows()):
             out.append(
                 f'<tr data-claim-id="{html.escape(str(claim_id))}"><td class="vmoe-claim">{verdict_badge(record.verdict)} '
-                f"<strong>{html.escape(str(claim_id))}</strong>: {html.escape(record.claim)}<br>"
+                f"<strong>{self._claim_link(str(claim_id))}</strong>: {html.escape(record.claim)}<br>"
                 f"<small>{html.escape(record.source)}</small><br>"
                 f'<small class="vmoe-why">{html.escape(record.why)}</small></td>'
                 f'<td class="vmoe-num">{html.escape(row["effect (points)"])}<br><small>{html.escape(row["90% interval"])}</small></td>'
@@ -271,10 +272,31 @@ class VerdictTable:
         out.append("</tbody></table></div>")
         return "\n".join(out)
 
+    def _claim_link(self, claim_id: str) -> str:
+        text = html.escape(claim_id)
+        if self.data_url is None:
+            return text
+        return f'<a href="{html.escape(self.data_url)}" title="the verdict record">{text}</a>'
+
     def __repr__(self) -> str:
         return self.frame().to_string()
 
 
-def verdict_table(records: Sequence[VerdictRecord]) -> VerdictTable:
-    """The chapter's verdict table for display (see :class:`VerdictTable`)."""
-    return VerdictTable(records)
+def verdict_table(records: Sequence[VerdictRecord], data: str | Path | None = None) -> VerdictTable:
+    """The chapter's verdict table for display (see :class:`VerdictTable`).
+
+    ``data``: the ``verdicts.json`` the records were written to (``ChapterResults.verdicts_path()``); each claim
+    id then links to that file in the repository.
+    """
+    return VerdictTable(records, data)
+
+
+def _repository_url_of(path: str | Path) -> str:
+    """The repository URL of a file of this checkout (its path relative to the checkout's root)."""
+    path = Path(path)
+    root = _repo_root()
+    try:
+        relative = path.resolve().relative_to(root.resolve()) if root is not None else path
+    except ValueError:
+        relative = path
+    return f"{REPOSITORY_URL}/blob/main/{relative.as_posix()}"
