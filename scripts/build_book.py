@@ -75,7 +75,6 @@ def copy_sources() -> None:
 
 def insert_scoreboard(page: Path) -> None:
     """Replace the landing page's scoreboard marker by the claims table generated from the committed verdicts."""
-    sys.path.insert(0, str(ROOT))
     from vmoe_lib.book import scoreboard, scoreboard_html
 
     text = page.read_text(encoding="utf-8")
@@ -96,13 +95,7 @@ def tidy_executed(notebook: Path, parameters: dict[str, object], trained: bool) 
         + ("; results missing from `results/` were trained for it.\n```" if trained else
            ": its tables and figures are read from the committed results of record; nothing was trained for it.\n```")
     )
-    cells = []
-    for cell in nb.cells:
-        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
-            cells.append(note)
-            continue
-        cells.append(cell)
-    nb.cells = cells
+    nb.cells = [note if "injected-parameters" in cell.get("metadata", {}).get("tags", []) else cell for cell in nb.cells]
     for i, cell in enumerate(nb.cells):  # papermill's copy keeps the committed notebooks' id-less cells
         cell.setdefault("id", f"cell-{i}")
     nbformat.write(nb, notebook)
@@ -123,11 +116,12 @@ def build_html() -> Path:
 def use_this_checkouts_library() -> None:
     """Chapters' kernels and autodoc import vmoe_lib from this checkout.
 
-    Without this they import whichever checkout the venv's editable install points at (another git
+    Without this they (and this script's scoreboard) import whichever checkout the venv's editable install points at (another git
     worktree, say), so the book would show that library's docstrings and run its code.
     """
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    sys.path.insert(0, str(ROOT))  # and this process (the scoreboard)
 
 
 def main() -> int:

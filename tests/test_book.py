@@ -37,6 +37,7 @@ def test_scoreboard_lists_exactly_the_committed_claims_in_book_order():
     # Chapter order follows the notebooks' numbers; every chapter with verdicts has its notebook.
     notebooks = [r.notebook for r in rows]
     assert notebooks == sorted(notebooks) and all((ROOT / "notebooks" / f"{n}.ipynb").exists() for n in notebooks)
+    assert all(r.data_url == f"{REPOSITORY_URL}/blob/main/results/cpu/{r.chapter}/verdicts.json" for r in rows)
 
 
 def test_scoreboard_html_has_one_row_per_claim_with_its_badge_and_counts():

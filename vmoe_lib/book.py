@@ -70,6 +70,7 @@ class ScoreboardRow:
     min_effect: float
     n: int | None
     is_control: bool  # a positive control of another claim
+    data_url: str = ""  # the repository URL of the verdicts.json that decided it
 
     @property
     def key(self) -> str:
@@ -118,7 +119,7 @@ def scoreboard(preset: str = "cpu", *, root: str | Path | None = None) -> list[S
                 chapter=path.parent.name, notebook=notebooks.get(path.parent.name, ""), claim_id=r["claim_id"],
                 claim=r["claim"], source=r.get("source", ""), verdict=r["verdict"], effect=_number(r.get("effect")),
                 bound=_number(r.get("bound")), mde=_number(r.get("mde")), min_effect=float(r["min_effect"]),
-                n=r.get("n"), is_control=r["claim_id"] in controls,
+                n=r.get("n"), is_control=r["claim_id"] in controls, data_url=_repository_url_of(path),
             ))
     return rows
 
@@ -155,12 +156,11 @@ def scoreboard_html(rows: Sequence[ScoreboardRow], *, page_prefix: str = "../not
            '<th>effect<br>(upper bound)</th><th>MDE</th><th>chapter</th></tr></thead><tbody>']
     for r in rows:
         link = f'<a href="{page_prefix}{r.notebook}.html">{html.escape(r.notebook.split("_", 1)[0])}</a>' if r.notebook else "–"
-        data = f"{REPOSITORY_URL}/blob/main/results/cpu/{r.chapter}/verdicts.json"
         control = ' <span class="vmoe-control">positive control</span>' if r.is_control else ""
         out.append(
             f'<tr data-claim="{html.escape(r.key)}"><td>{verdict_badge(r.verdict)}</td>'
             f'<td>{html.escape(r.claim)}{control}<br><small>{html.escape(r.source)}</small></td>'
-            f'<td class="vmoe-num"><a href="{data}" title="the verdict record">{_points(r.effect)}</a><br>'
+            f'<td class="vmoe-num"><a href="{html.escape(r.data_url)}" title="the verdict record">{_points(r.effect)}</a><br>'
             f"<small>({_points(r.bound)})</small></td>"
             f'<td class="vmoe-num">{_points(r.mde, signed=False)}</td><td>{link}</td></tr>'
         )
