@@ -344,7 +344,6 @@ def preset_table() -> pd.DataFrame:
     return preset_frame(PRESETS)
 
 
-_pm = mean_sd_text
 
 
 def _routing_of(r) -> dict[str, dict[str, Any]]:
@@ -392,10 +391,10 @@ def router_table(results: ChapterResults) -> pd.DataFrame:
         row["train min / run"] = round(np.mean([_train_seconds(r) for r in runs]) / 60, 2)
         stats = [_routing_of(r) for r in runs]
         if stats[0]:
-            row["dropped tokens (%)"] = _pm([np.mean([s["dropped_fraction"] for s in st.values()]) for st in stats], digits=1)
-            row["load CV"] = _pm([np.mean([_cv(s["expert_load"]) for s in st.values()]) for st in stats], unit=1.0)
-            row["experts / token"] = _pm([np.mean([s["mean_experts_per_token"] for s in st.values()]) for st in stats], unit=1.0)
-        row["test acc. (%)"] = _pm([r.final["test_accuracy"] for r in runs])
+            row["dropped tokens (%)"] = mean_sd_text([np.mean([s["dropped_fraction"] for s in st.values()]) for st in stats], digits=1)
+            row["load CV"] = mean_sd_text([np.mean([_cv(s["expert_load"]) for s in st.values()]) for st in stats], unit=1.0)
+            row["experts / token"] = mean_sd_text([np.mean([s["mean_experts_per_token"] for s in st.values()]) for st in stats], unit=1.0)
+        row["test acc. (%)"] = mean_sd_text([r.final["test_accuracy"] for r in runs])
         row["seeds"] = len(runs)
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index")
@@ -437,7 +436,7 @@ def capacity_table(results: ChapterResults) -> pd.DataFrame:
     df = sweep_frame(results)
     if df.empty:
         return df
-    cell = df.groupby(["run", "eval k", "priority", "capacity factor"])["accuracy"].apply(lambda v: _pm(list(v), digits=1))
+    cell = df.groupby(["run", "eval k", "priority", "capacity factor"])["accuracy"].apply(lambda v: mean_sd_text(list(v), digits=1))
     return cell.unstack("capacity factor")
 
 
@@ -760,7 +759,7 @@ def findings(results: ChapterResults) -> str:
     sparse_and_soft = [n for n in ROUTER_RUNS if n in groups]
     if sparse_and_soft:
         ranked = sorted(sparse_and_soft, key=lambda n: -np.mean(results.values(n)))
-        ranking = " > ".join(f"{n} ({_pm(results.values(n))})" for n in ranked)
+        ranking = " > ".join(f"{n} ({mean_sd_text(results.values(n))})" for n in ranked)
         lines.append(f"**Ranking at equal pairs** (test accuracy %, mean ± std over seeds): {ranking}.")
         spread = np.mean(results.values(ranked[0])) - np.mean(results.values(ranked[-1]))
         stds = [np.std(results.values(n), ddof=1) for n in ranked if len(groups[n]) > 1]
@@ -768,7 +767,7 @@ def findings(results: ChapterResults) -> str:
             lines.append(f"Best and worst router are {spread * 100:.2f} points apart; the typical seed std is "
                          f"{np.mean(stds) * 100:.2f} points.")
     if DENSE_RUN in groups:
-        lines.append(f"**Dense ViT** at the same activated FLOPs: {_pm(results.values(DENSE_RUN))} %.")
+        lines.append(f"**Dense ViT** at the same activated FLOPs: {mean_sd_text(results.values(DENSE_RUN))} %.")
     if "softmax_tc" in groups:
         base = np.mean([_train_seconds(r) for r in groups["softmax_tc"]])
         times = {n: np.mean([_train_seconds(r) for r in groups[n]]) / base for n in groups}
