@@ -46,8 +46,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                      help='JSON dict of TrainConfig fields, e.g. \'{"epochs": 2}\'; nested dicts (model_kwargs) merge')
     run.add_argument("--workers", default="1",
                      help="parallel worker processes: an int or 'auto' (one per core with 1 thread each; one per GPU)")
-    run.add_argument("--executor", default="local", choices=["local", "inline", "slurm"],
-                     help="local: pinned worker processes here; inline: this process; slurm: a job array via submitit")
+    run.add_argument("--executor", default="local", choices=["local", "inline", "slurm", "torchrun"],
+                     help="local: pinned worker processes here; inline: this process; slurm: a job array via submitit; "
+                     "torchrun: one run at a time, data-parallel over --workers processes")
+    run.add_argument("--distributed", default=None, metavar="N",
+                     help="train each run on N data-parallel processes (DDP; one GPU each on CUDA, 'auto': every GPU "
+                     "here) started by torchrun, one run at a time: the same as --executor torchrun --workers N")
     run.add_argument("--partition", default=None, help="slurm: the partition")
     run.add_argument("--time", type=int, default=None, help="slurm: minutes per job (default 120)")
     run.add_argument("--gpus-per-job", type=int, default=None, help="slurm: GPUs per job")
@@ -106,6 +110,11 @@ def _run(args: argparse.Namespace) -> int:
         overrides = json.loads(args.overrides) if args.overrides else None
     except ValueError as err:
         raise ConfigError(f"--overrides {args.overrides!r} is not valid JSON ({err}); e.g. --overrides '{{\"epochs\": 2}}'") from None
+    if args.distributed is not None:
+        if args.executor not in ("local", "torchrun"):
+            raise ConfigError(f"--distributed {args.distributed} is invalid with --executor {args.executor}: it runs "
+                              "each run on several processes through torchrun; drop one of the two")
+        args.executor, args.workers = "torchrun", args.distributed
     slurm = _slurm_options(args) if args.executor == "slurm" else None
     try:
         results = chapter.run(args.preset, seeds=args.seeds, device=args.device, overrides=overrides,

@@ -15,6 +15,13 @@ function of (config, seed, thread count, numerics settings) and never of which w
     one SLURM job per run, submitted as a job array through ``submitit`` (``pip install
     "vmoe-lib[cluster]"``); each job starts the same pinned worker process. ``cluster="local"`` or
     ``"debug"`` runs the jobs through submitit's local executors instead (tests; no SLURM needed).
+``torchrun``
+    one run at a time, each trained data-parallel by ``workers`` processes that PyTorch's launcher
+    starts (``python -m torch.distributed.run --standalone --nproc_per_node workers``; DDP, gloo on the
+    CPU, nccl with one GPU per process): the way to give one run of a ``gpu`` preset several GPUs
+    (``python -m vmoe_lib run <chapter> --preset gpu --distributed 4``). The processes share the
+    global batch (:mod:`vmoe_lib.distributed`), so a run's numbers equal the 1-process run's within
+    float tolerance, not bit for bit; its record says so (``distributed``).
 
 Whatever the executor, a run takes a lock (``<result>.lock`` beside its result file) before it
 trains, so two sweeps started on the same folders never train the same run twice; it writes its
@@ -58,7 +65,7 @@ __all__ = [
     "write_atomic",
 ]
 
-EXECUTORS = ("local", "inline", "slurm")
+EXECUTORS = ("local", "inline", "slurm", "torchrun")
 _PROTOCOL_PREFIX = "@@vmoe-sweep@@ "
 
 
@@ -201,13 +208,18 @@ def check_storage(results_folder: Path, cache_folder: Path, configs: Sequence[An
 
 
 # ----------------------------------------------------------------------------- one task
-def execute_task(task: RunTask, *, progress: bool = False, wait: bool = False, worker: int | None = None) -> RunOutcome:
+def execute_task(task: RunTask, *, progress: bool = False, wait: bool = False, worker: int | None = None,
+                 distributed: Any = None) -> RunOutcome:
     """Run one task in this process, under its lock; store its result; never raise for a failed run.
 
     If the lock is held by another process, return ``busy`` (or, with ``wait``, block until it is
     free). Once the lock is held, a valid result already on disk (stored by another sweep meanwhile)
-    is kept and the run is not trained again.
+    is kept and the run is not trained again. With ``distributed`` (a
+    :class:`~vmoe_lib.distributed.DistributedContext`), every rank calls this: rank 0 takes the lock,
+    decides and stores the result; the others train their share.
     """
+    if distributed is not None and distributed.world_size > 1:
+        return _execute_task_distributed(task, distributed, progress=progress)
     from filelock import FileLock, Timeout
 
     from .results import build_manifest, read_valid_result
@@ -241,6 +253,96 @@ def execute_task(task: RunTask, *, progress: bool = False, wait: bool = False, w
         return RunOutcome(task.name, task.seed, "trained", worker=worker, seconds=time.time() - started)
     finally:
         lock.release()
+
+
+def _execute_task_distributed(task: RunTask, context: Any, *, progress: bool) -> RunOutcome:
+    """:func:`execute_task` on every rank of a data-parallel run (rank 0 holds the lock and writes)."""
+    import torch.distributed as dist
+    from filelock import FileLock
+
+    from .results import build_manifest, read_valid_result
+    from .train import TrainingDiverged, train_model
+
+    started = time.time()
+    lock = FileLock(str(task.lock_path), timeout=-1) if context.is_main else None
+    if lock is not None:
+        task.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        decision = ["present" if context.is_main and read_valid_result(task.path, task.key, task.seed, quiet=True)
+                    is not None else "train"]
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0] == "present":
+            return RunOutcome(task.name, task.seed, "present", seconds=time.time() - started)
+        try:
+            record = train_model(task.config, task.seed, device=task.device, checkpoint_path=task.checkpoint,
+                                 progress=progress, extra_eval=task.extra_eval,
+                                 weights_path=task.weights if task.keep_weights else None, run_label=task.label,
+                                 distributed=context)
+        except TrainingDiverged as err:  # every rank sees the same global loss, so all stop here together
+            return RunOutcome(task.name, task.seed, "diverged", error=str(err), log=str(task.log_path),
+                              seconds=time.time() - started)
+        if record is not None:
+            manifest = build_manifest(task, record, session_seconds=time.time() - started)
+            write_atomic(task.path, json.dumps({"manifest": manifest, "record": record}, indent=1) + "\n")
+            task.checkpoint.unlink(missing_ok=True)
+        return RunOutcome(task.name, task.seed, "trained", seconds=time.time() - started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _distributed_task_main(task_file: str, outcome_file: str) -> int:
+    """Entry point of each rank of a ``torchrun`` executor run (``python -m vmoe_lib._sweep_worker --torchrun``)."""
+    from .distributed import init_from_env
+    from .numerics import apply_threads_from_env
+    from .train import resolve_device
+
+    apply_threads_from_env()
+    task: RunTask = _decode(Path(task_file).read_text())
+    import torch.distributed as dist
+
+    context = init_from_env(resolve_device(task.device))
+    try:
+        outcome = execute_task(task, progress=context.is_main, distributed=context)
+    finally:
+        dist.destroy_process_group()
+    if context.is_main:
+        Path(outcome_file).write_text(_encode(outcome))
+    return 0
+
+
+def _run_torchrun(tasks: Sequence[RunTask], nproc: int, threads: int, progress: bool, pinned: bool) -> list[RunOutcome]:
+    """Each task in turn, on ``nproc`` data-parallel processes started by ``torch.distributed.run``."""
+    bar, _ = _progress_bars(len(tasks), 1, progress, f"sweep (torchrun: {nproc} processes x {threads} thread{'s' * (threads > 1)} per run)")
+    env = _worker_env(threads, pinned=pinned)
+    out = []
+    for task in tasks:
+        bar.set_postfix_str(f"{task.name} s{task.seed}")
+        task.log_path.parent.mkdir(parents=True, exist_ok=True)
+        exchange = task.log_path.with_name(f".{task.stem}.{uuid.uuid4().hex[:8]}")
+        task_file, outcome_file = exchange.with_suffix(".task"), exchange.with_suffix(".outcome")
+        task_file.write_text(_encode(task))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   "-m", "vmoe_lib._sweep_worker", "--torchrun", str(task_file), str(outcome_file)]
+        started = time.time()
+        try:
+            with open(task.log_path, "a", buffering=1) as log:
+                print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} torchrun, {nproc} processes: {task.label}", file=log, flush=True)
+                code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            if code == 0 and outcome_file.exists():
+                outcome = _decode(outcome_file.read_text())
+            else:
+                outcome = RunOutcome(task.name, task.seed, "failed", error=f"torchrun exited with code {code}",
+                                     log=str(task.log_path), seconds=time.time() - started)
+        finally:
+            task_file.unlink(missing_ok=True)
+            outcome_file.unlink(missing_ok=True)
+        _report(bar, outcome)
+        out.append(outcome)
+        bar.update(1)
+    bar.close()
+    return out
 
 
 # ----------------------------------------------------------------------------- workers
@@ -397,8 +499,9 @@ def run_tasks(
 
     Args:
         tasks: the missing runs of a sweep.
-        executor: ``local`` (worker processes here), ``inline`` (this process) or ``slurm``.
-        workers: ``local`` only: an int or ``"auto"`` (see :func:`resolve_workers`).
+        executor: ``local`` (worker processes here), ``inline`` (this process), ``slurm`` or ``torchrun``.
+        workers: ``local``: an int or ``"auto"`` (see :func:`resolve_workers`); ``torchrun``: the
+            processes that train each run together.
         device: the device the runs train on (for ``workers="auto"``).
         progress: the overall bar (runs done / total, with an ETA) and one line per worker.
         pinned: start workers with the pinned numerics (``local``/``slurm``).
@@ -416,6 +519,8 @@ def run_tasks(
         return _run_slurm(tasks, dict(slurm or {}), progress, pinned)
     n, per_worker = resolve_workers(workers, device)
     threads = per_worker if threads is None else threads
+    if executor == "torchrun":
+        return _run_torchrun(tasks, n, threads, progress, pinned)
     return _run_local(tasks, min(n, len(tasks)), threads, progress, pinned, gpus=_uses_cuda(device) and workers == "auto")
 
 

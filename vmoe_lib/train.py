@@ -34,6 +34,16 @@ from tqdm import tqdm  # text bars: work in terminals, notebooks and papermill l
 
 from .costs import model_costs
 from .data import DATASETS, BatchLoader, ImageDataset, load_dataset
+from .distributed.data_parallel import (
+    STRATEGIES,
+    DistributedContext,
+    data_parallel_noise,
+    full_state,
+    init_from_env,
+    launched_by_torchrun,
+    load_full_state,
+    wrap_model,
+)
 from .errors import ConfigError, check_bool, check_choice, check_positive, check_range
 from .layers.aux import collect_aux_loss
 from .models import create_model, list_models
@@ -204,19 +214,30 @@ def _autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: BatchLoader, *, device: torch.device | None = None, amp: bool = True
+    model: nn.Module, loader: BatchLoader, *, device: torch.device | None = None, amp: bool = True,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (eval mode)."""
+    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (eval mode).
+
+    In a data-parallel run under DDP, rank ``r`` evaluates the batches ``r, r + N, ...`` (the 1-process
+    run's batches, so its routing groups) and the sums are added over ranks; under FSDP2 every rank
+    runs every batch (each forward all-gathers the shards, so all ranks must run the same forwards).
+    """
     device = device or loader.device
     was_training = model.training
     model.eval()
+    split_batches = distributed is not None and distributed.world_size > 1 and distributed.strategy == "ddp"
     loss_sum, correct, count = 0.0, 0, 0
-    for images, labels in loader:
+    for index, (images, labels) in enumerate(loader):
+        if split_batches and index % distributed.world_size != distributed.rank:
+            continue
         with _autocast(device, amp):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(dim=-1) == labels).sum().item()
         count += labels.numel()
+    if split_batches:
+        loss_sum, correct, count = distributed.all_sum([loss_sum, correct, count], device)
     model.train(was_training)
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
@@ -314,7 +335,8 @@ def train_model(
     extra_eval: Callable[[nn.Module, ImageDataset, torch.device], dict[str, Any]] | None = None,
     weights_path: str | os.PathLike | None = None,
     run_label: str | None = None,
-) -> dict[str, Any]:
+    distributed: DistributedContext | None = None,
+) -> dict[str, Any] | None:
     """Train ``config`` with ``seed``; return its record (history, final metrics, costs).
 
     Args:
@@ -328,6 +350,10 @@ def train_model(
             stored under ``"extra"`` (e.g. inference-time routing sweeps).
         weights_path: if given, the final weights are saved there (safetensors).
         run_label: how errors name the run (default: model and seed).
+        distributed: this process's place in a data-parallel run (:mod:`vmoe_lib.distributed`; ``torchrun``
+            starts the processes). Every rank trains on its share of each global batch
+            (``config.batch_size`` stays the global batch); rank 0 writes the checkpoint and weights and
+            returns the record, the other ranks return ``None``. ``None``: this process alone.
 
     Raises:
         TrainingDiverged: the loss became non-finite; the message names the run, the step and the
@@ -338,10 +364,14 @@ def train_model(
         accuracies), ``costs`` (parameters, FLOPs per image), ``extra`` (``extra_eval``'s
         output), ``wall_time_s``, ``device`` and ``predictions`` (the final model's per-image test
         predictions, :mod:`vmoe_lib.predictions`; ``None`` without a test split) and, for an MoE
-        model, ``moe_bypass`` (:func:`moe_bypass_eval`: test accuracy with every MoE layer bypassed).
+        model, ``moe_bypass`` (:func:`moe_bypass_eval`: test accuracy with every MoE layer bypassed), and for a
+        data-parallel run ``distributed`` (world size, backend, strategy).
     """
     config.validate()
     dev = resolve_device(device)
+    ctx = distributed if distributed is not None and distributed.world_size > 1 else None
+    if ctx is not None and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", ctx.local_rank)
     data = load_data_for(config)
     torch.manual_seed(seed)
     model = create_model(config.model, num_classes=data.num_classes, in_chans=data.image_shape[0], **config.model_kwargs)
@@ -358,6 +388,8 @@ def train_model(
     )
     if len(train_loader) == 0:
         raise ConfigError(f"batch_size={config.batch_size} is larger than the {train_images.shape[0]} training images")
+    if ctx is not None:
+        ctx.check_batch("batch_size", config.batch_size, _routing_group_size(model))
     eval_loaders = {}
     for split in ("val", "test"):
         images, labels = data.split(split)
@@ -366,6 +398,18 @@ def train_model(
         if images.shape[0] > 0:
             eval_loaders[split] = BatchLoader(images, labels, batch_size=config.eval_batch_size, **loader_args)
 
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    saved = _load_checkpoint(ckpt, dev) if ckpt is not None and ckpt.exists() else None
+    if saved is not None and (saved.get("seed") != seed or saved.get("config") != config.to_dict()):
+        raise ConfigError(
+            f"checkpoint_path={str(ckpt)!r} belongs to another run (seed {saved.get('seed')}, a different "
+            f"config); pass a path of this run's own or delete that file"
+        )
+    net = model  # what the training step calls: the model, or its DDP/FSDP2 wrapping
+    if ctx is not None:
+        if saved is not None:
+            model.load_state_dict(saved["model"])  # before wrapping: DDP broadcasts rank 0's, FSDP2 shards it
+        net = wrap_model(model, ctx, dev)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
@@ -373,16 +417,12 @@ def train_model(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
 
     state = {"epoch": 0, "step": 0, "history": [], "accum": [0.0, 0.0, 0, 0, 0.0], "wall_time_s": 0.0}
-    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    saved = _load_checkpoint(ckpt, dev) if ckpt is not None and ckpt.exists() else None
     if saved is not None:
-        if saved.get("seed") != seed or saved.get("config") != config.to_dict():
-            raise ConfigError(
-                f"checkpoint_path={str(ckpt)!r} belongs to another run (seed {saved.get('seed')}, a different "
-                f"config); pass a path of this run's own or delete that file"
-            )
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if ctx is None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        else:
+            load_full_state(net, optimizer, saved["model"], saved["optimizer"], ctx)
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng_cpu"])
@@ -393,11 +433,18 @@ def train_model(
     def save_checkpoint() -> None:
         if ckpt is None:
             return
+        if ctx is None:
+            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        else:
+            model_state, optimizer_state = full_state(net, optimizer, ctx)  # a collective under FSDP2
+            if not ctx.is_main:
+                ctx.barrier()  # rank 0 is writing; nobody goes on before the checkpoint is whole
+                return
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save(
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
@@ -408,6 +455,8 @@ def train_model(
             },
             ckpt,
         )
+        if ctx is not None:
+            ctx.barrier()
 
     model.train()
     last_finite: float | None = None
@@ -415,17 +464,24 @@ def train_model(
         epoch = state["epoch"]
         started = time.perf_counter()
         bar = tqdm(
-            total=steps_per_epoch, initial=state["step"], disable=not progress, leave=False,
+            total=steps_per_epoch, initial=state["step"], disable=not progress or (ctx is not None and not ctx.is_main),
+            leave=False,
             desc=f"{config.model} s{seed} epoch {epoch + 1}/{config.epochs}",
         )
         for images, labels in train_loader.epoch(epoch, start_step=state["step"]):
-            with _autocast(dev, use_amp):
-                logits = model(images)
+            if ctx is not None:
+                images, labels = ctx.shard(images), ctx.shard(labels)
+            with _autocast(dev, use_amp), data_parallel_noise(ctx):
+                logits = net(images)
                 task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
                 aux = collect_aux_loss(model)
                 loss = task_loss if aux is None else task_loss + aux
             task_value = task_loss.item()
             aux_value = aux.item() if aux is not None else 0.0
+            correct = (logits.argmax(dim=-1) == labels).sum().item()
+            if ctx is not None:  # the global batch's means, the same on every rank (all stop together)
+                task_value, aux_value, correct = ctx.all_sum([task_value, aux_value, correct], dev)
+                task_value, aux_value, correct = task_value / ctx.world_size, aux_value / ctx.world_size, int(correct)
             if not math.isfinite(task_value + aux_value):
                 raise TrainingDiverged(
                     f"training diverged: run {run_label or f'{config.model} seed {seed}'} got a non-finite loss "
@@ -438,15 +494,16 @@ def train_model(
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             acc = state["accum"]
-            acc[0] += task_value * labels.numel()
-            acc[1] += aux_value * labels.numel()
-            acc[2] += (logits.argmax(dim=-1) == labels).sum().item()
-            acc[3] += labels.numel()
+            global_batch = labels.numel() * (ctx.world_size if ctx is not None else 1)
+            acc[0] += task_value * global_batch
+            acc[1] += aux_value * global_batch
+            acc[2] += correct
+            acc[3] += global_batch
             state["step"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{acc[0] / acc[3]:.3f}")
@@ -467,7 +524,7 @@ def train_model(
             "lr": scheduler.get_last_lr()[0],
         }
         for split, loader in eval_loaders.items():
-            metrics = evaluate(model, loader, device=dev, amp=use_amp)
+            metrics = evaluate(model, loader, device=dev, amp=use_amp, distributed=ctx)
             record[f"{split}_loss"], record[f"{split}_accuracy"] = metrics["loss"], metrics["accuracy"]
         record["epoch_seconds"] = acc[4] + time.perf_counter() - eval_started
         record["train_images_per_second"] = acc[3] / acc[4] if acc[4] > 0 else float("nan")
@@ -475,10 +532,13 @@ def train_model(
         state["history"].append(record)
         state["epoch"], state["step"], state["accum"] = epoch + 1, 0, [0.0, 0.0, 0, 0, 0.0]
         save_checkpoint()
-        if progress:
+        if progress and (ctx is None or ctx.is_main):
             shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("accuracy"))
             tqdm.write(f"{config.model} seed {seed} epoch {epoch + 1}/{config.epochs}: {shown}")
 
+    if ctx is not None and ctx.strategy == "ddp" and not ctx.is_main:
+        return None  # rank 0 evaluates the final model alone (DDP keeps a full copy on every rank)
+    # Under FSDP2 every rank runs these forwards (each all-gathers the shards); rank 0 keeps the record.
     predictions = bypass = None
     if "test" in eval_loaders:
         from .predictions import collect_predictions, pack_predictions
@@ -490,10 +550,14 @@ def train_model(
     if weights_path is not None:
         from safetensors.torch import save_file
 
-        Path(weights_path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights_path))
+        weights = model.state_dict() if ctx is None else full_state(net, optimizer, ctx)[0]
+        if ctx is None or ctx.is_main:
+            Path(weights_path).parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(weights_path))
+    if ctx is not None and not ctx.is_main:
+        return None
     final = {k: v for k, v in state["history"][-1].items() if k.endswith(("accuracy", "loss"))}
-    return {
+    record = {
         "history": state["history"],
         "final": final,
         "costs": costs,
@@ -504,23 +568,49 @@ def train_model(
         "predictions": predictions,
         "moe_bypass": bypass,
     }
+    if ctx is not None:
+        record["distributed"] = ctx.describe()
+    return record
+
+
+def _routing_group_size(model: nn.Module) -> int:
+    """Images per routing group of the model's MoE layers (1 without MoE): a rank's share must hold whole groups."""
+    from .layers.moe import MoEMlp
+
+    return max((m.group_size for m in model.modules() if isinstance(m, MoEMlp)), default=1)
 
 
 def _main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train one config (JSON) with one seed; print the record as JSON.")
+    parser = argparse.ArgumentParser(
+        description="Train one config (JSON) with one seed; print the record as JSON. Under torchrun "
+        "(`torchrun --nproc_per_node N -m vmoe_lib.train ...`) the N processes train the run data-parallel.")
     parser.add_argument("config", help="TrainConfig as a JSON string or a path to a JSON file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--checkpoint-every-steps", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the record here instead of stdout")
+    parser.add_argument("--weights", default=None, help="save the final weights here (safetensors)")
+    parser.add_argument("--strategy", default="ddp", choices=STRATEGIES,
+                        help="data parallelism under torchrun: ddp (default) or fsdp2 (sharded, for large models)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     text = Path(args.config).read_text() if os.path.isfile(args.config) else args.config
-    record = train_model(
-        TrainConfig.from_dict(json.loads(text)), args.seed, device=args.device, checkpoint_path=args.checkpoint,
-        checkpoint_every_steps=args.checkpoint_every_steps, progress=not args.no_progress,
-    )
+    config = TrainConfig.from_dict(json.loads(text))
+    context = init_from_env(resolve_device(args.device), args.strategy) if launched_by_torchrun() else None
+    try:
+        record = train_model(
+            config, args.seed, device=args.device, checkpoint_path=args.checkpoint,
+            checkpoint_every_steps=args.checkpoint_every_steps, progress=not args.no_progress,
+            weights_path=args.weights, distributed=context,
+        )
+    finally:
+        if context is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if record is None:  # a data-parallel rank other than 0
+        return
     payload = json.dumps(record, indent=1)
     if args.out:
         Path(args.out).write_text(payload)

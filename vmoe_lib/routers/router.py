@@ -93,7 +93,9 @@ class GatedRouter(nn.Module):
         """``logits + N(0, sigma^2)`` when :attr:`is_noisy`, else ``logits`` unchanged."""
         if not self.is_noisy:
             return logits
-        return logits + self.noise_sigma * torch.randn_like(logits)
+        from ..distributed.data_parallel import global_randn_like  # noqa: PLC0415 (no import cycle)
+
+        return logits + self.noise_sigma * global_randn_like(logits)
 
     # -- losses ------------------------------------------------------------------------------
     def loss_weights(self) -> dict[str, float]:

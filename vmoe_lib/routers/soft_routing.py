@@ -107,8 +107,10 @@ class SoftRouter(nn.Module):
             num_groups, group_size, _ = x.shape
             noise = None
             if self.training and self.noise_std > 0:
-                noise = self.noise_std * torch.randn(
-                    num_groups, group_size, self.num_experts, self.slots_per_expert, device=x.device
+                from ..distributed.data_parallel import global_randn  # noqa: PLC0415 (no import cycle)
+
+                noise = self.noise_std * global_randn(
+                    (num_groups, group_size, self.num_experts, self.slots_per_expert), device=x.device
                 )
             dispatch, combine = soft_moe_weights(x, self.mu, self.scale, noise)
             routing = Routing(
