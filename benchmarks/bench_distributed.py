@@ -19,9 +19,9 @@ A data-parallel section (``dp``) is one more entry of ``SECTIONS``: a function
 ``(args) -> dict`` returning its rows and a ``"markdown"`` key, and the record it belongs to.
 Sections of one record are merged into the existing file, so they can be run separately.
 
-Timing: compared candidates run interleaved (local, EP, local, EP, ...), the minimum over
-``--repeats`` is kept per rank and the slower rank reported (an EP step ends when the last rank's
-exchange does); load average and thread counts are recorded. While it runs the script holds
+Timing: compared candidates run interleaved (local, EP, local, EP, ...); a step's time is that of
+its slower rank (an EP step ends when the last rank's exchange does) and the minimum over
+``--repeats`` is kept; load average and thread counts are recorded. While it runs the script holds
 ``/tmp/vmoe_bench_lock`` (and waits, in 30 s steps, while someone else holds it).
 
 Usage::
@@ -117,14 +117,9 @@ def _ep_worker(rank: int, world_size: int, k: int, repeats: int) -> dict[str, An
     for _ in range(repeats):
         runs["local"].append(step(local))
         runs["ep"].append(step(ep))
-    best = {name: min(values) for name, values in runs.items()}  # the fastest repeat, with its exchange times
-    isolated = _isolated_exchange_s(ep, x, repeats)
     return {
-        "rank": rank, "threads": torch.get_num_threads(),
-        "local_s": best["local"][0], "ep_s": best["ep"][0],
-        "ep_exchange_forward_s": best["ep"][1], "ep_exchange_backward_s": best["ep"][2],
-        "ep_exchange_min_s": min(f + b for _, f, b in runs["ep"]),
-        "isolated_exchange_s": isolated,
+        "rank": rank, "threads": torch.get_num_threads(), "runs": runs,
+        "isolated_exchange_s": _isolated_exchange_s(ep, x, repeats),
         "pairs": local.last_dispatch.pairs, "ep_rows_received": ep.last_dispatch.rows_computed,
         "tokens": cfg["images"] * cfg["tokens"],
     }
@@ -167,17 +162,19 @@ def run_ep(args: argparse.Namespace) -> dict[str, Any]:
     for k in (1, 2):
         print(f"ep: k={k}, {args.repeats} repeats", flush=True)
         per_rank = spawn_gloo(_ep_worker, WORLD_SIZE, k, args.repeats)
-        slow = max(per_rank, key=lambda r: r["ep_s"])
-        local_s = max(r["local_s"] for r in per_rank)
-        exchange = slow["ep_exchange_forward_s"] + slow["ep_exchange_backward_s"]
+        # A step lasts until its slower rank is done: per repeat the max over ranks, then the min over repeats.
+        steps = {name: [max(r["runs"][name][i][0] for r in per_rank) for i in range(args.repeats)] for name in ("local", "ep")}
+        best = min(range(args.repeats), key=lambda i: steps["ep"][i])
+        slow = max(per_rank, key=lambda r: r["runs"]["ep"][best][0])  # the rank that ended the fastest EP step
+        _, forward_exchange, backward_exchange = slow["runs"]["ep"][best]
+        local_s, ep_s = min(steps["local"]), steps["ep"][best]
+        exchange = forward_exchange + backward_exchange
         rows.append({
             "k": k, **{key: EP_LAYER[key] for key in ("num_experts", "dim", "hidden", "images", "tokens")},
-            "local_fb_ms": 1e3 * local_s, "ep_fb_ms": 1e3 * slow["ep_s"],
-            "ep_vs_local": slow["ep_s"] / local_s,
-            "exchange_ms": 1e3 * exchange, "exchange_forward_ms": 1e3 * slow["ep_exchange_forward_s"],
-            "exchange_backward_ms": 1e3 * slow["ep_exchange_backward_s"],
-            "exchange_share_of_ep": exchange / slow["ep_s"],
-            "ep_outside_exchange_ms": 1e3 * (slow["ep_s"] - exchange),
+            "local_fb_ms": 1e3 * local_s, "ep_fb_ms": 1e3 * ep_s, "ep_vs_local": ep_s / local_s,
+            "exchange_ms": 1e3 * exchange, "exchange_forward_ms": 1e3 * forward_exchange,
+            "exchange_backward_ms": 1e3 * backward_exchange, "exchange_share_of_ep": exchange / ep_s,
+            "ep_outside_exchange_ms": 1e3 * (ep_s - exchange),
             "isolated_exchange_ms": 1e3 * max(r["isolated_exchange_s"] for r in per_rank),
             "ranks": per_rank,
         })
@@ -187,7 +184,8 @@ def run_ep(args: argparse.Namespace) -> dict[str, Any]:
         f"2 gloo processes on one machine, 1 thread each; per rank {EP_LAYER['images']} images x {EP_LAYER['tokens']} "
         f"tokens, D={EP_LAYER['dim']}, hidden {EP_LAYER['hidden']}, E={EP_LAYER['num_experts']} "
         f"({EP_LAYER['num_experts'] // WORLD_SIZE} per rank under EP), {EP_LAYER['router']}, capacity factor 1.05, "
-        f"groups of {EP_LAYER['group_size']} images. Min over {args.repeats} interleaved repeats per rank, slower rank shown.",
+        f"groups of {EP_LAYER['group_size']} images. Step time = the slower rank's, min over {args.repeats} interleaved "
+        "repeats; exchange times are those of the rank that ended the fastest EP step.",
         "",
         "| k | pairs per rank | local (ms) | EP=2 (ms) | EP / local | in all_to_all (ms): fwd + bwd = total | share of EP step | EP outside exchanges (ms) | row exchanges alone (ms) |",
         "|---|---|---|---|---|---|---|---|---|",
