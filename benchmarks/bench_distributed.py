@@ -197,7 +197,15 @@ def run_ep(args: argparse.Namespace) -> dict[str, Any]:
             f"{r['exchange_ms']:.1f} | {100 * r['exchange_share_of_ep']:.0f}% | {r['ep_outside_exchange_ms']:.1f} | "
             f"{r['isolated_exchange_ms']:.1f} |"
         )
+    extra = [100 * (r["ep_vs_local"] - 1) for r in rows]
+    alone = [r["isolated_exchange_ms"] for r in rows]
+    inside = [r["exchange_ms"] for r in rows]
     lines += [
+        "",
+        f"Reading: the expert-parallel step costs {min(extra):.0f}-{max(extra):.0f}% more than the local layer. Of the "
+        f"{min(inside):.1f}-{max(inside):.1f} ms inside the exchanges, moving the rows takes {min(alone):.1f}-{max(alone):.1f} ms "
+        "(row exchanges alone); the rest is one rank waiting for the other. Outside the exchanges the EP step does "
+        "the local layer's work (half the experts, on both ranks' tokens), plus the regrouping by local expert.",
         "",
         "The exchange time is wall time inside the blocking `all_to_all_single` calls (5 per step: the counts, "
         "rows out and results back in forward, the two reverse exchanges in backward), so it includes waiting for the "
