@@ -1,7 +1,7 @@
 """book/library.md documents every public module of vmoe_lib and everything each one exports.
 
-Public: every module whose dotted name has no ``_``-prefixed part. The submodules of ``layers``, ``routers``
-and ``models`` are implementation files: what they offer is what their package re-exports in ``__all__``.
+Public: every module whose dotted name has no ``_``-prefixed part. The submodules of ``layers``, ``routers``,
+``models`` and ``distributed`` are implementation files: what they offer is what their package re-exports in ``__all__``.
 A module's exports are the classes and functions of its ``__all__``; the model sizes registered with timm
 (``vit_pico_patch7_28``, ...) are reached through ``create_model(name)`` and named by ``list_models()``, so
 they are not listed one by one. An object counts as documented when some ``automodule`` directive of the
@@ -23,7 +23,7 @@ import vmoe_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY_PAGE = ROOT / "book" / "library.md"
-DOCUMENTED_BY_PACKAGE = ("vmoe_lib.layers.", "vmoe_lib.routers.", "vmoe_lib.models.")
+DOCUMENTED_BY_PACKAGE = ("vmoe_lib.layers.", "vmoe_lib.routers.", "vmoe_lib.models.", "vmoe_lib.distributed.")
 
 
 def _directives() -> dict[str, list[str]]:

@@ -20,8 +20,9 @@ function of (config, seed, thread count, numerics settings) and never of which w
     starts (``python -m torch.distributed.run --standalone --nproc_per_node workers``; DDP, gloo on the
     CPU, nccl with one GPU per process): the way to give one run of a ``gpu`` preset several GPUs
     (``python -m vmoe_lib run <chapter> --preset gpu --distributed 4``). The processes share the
-    global batch (:mod:`vmoe_lib.distributed`), so a run's numbers equal the 1-process run's within
-    float tolerance, not bit for bit; its record says so (``distributed``).
+    global batch (:mod:`vmoe_lib.distributed`): a run is the 1-process run's experiment, its sums taken
+    in another order, so its numbers match within float tolerance over a few steps and drift apart
+    over a whole run like those of another thread count; its record says so (``distributed``).
 
 Whatever the executor, a run takes a lock (``<result>.lock`` beside its result file) before it
 trains, so two sweeps started on the same folders never train the same run twice; it writes its

@@ -1,6 +1,11 @@
-"""Training beyond one process: data parallelism (DDP, FSDP2) launched by ``torchrun``, and expert parallelism.
+"""Training beyond one process with ``torch.distributed``.
 
-See the book's "Running on a cluster" page for launch commands (one node, several nodes, SLURM).
+* :mod:`.data_parallel` — one run on N processes that ``torchrun`` starts (DDP, or FSDP2 for large models),
+  equal to the 1-process run within float tolerance.
+* :mod:`.expert_parallel` — the experts of every MoE layer split over the ranks of an "ep" process
+  group or ``DeviceMesh`` dimension, tokens exchanged with ``all_to_all``.
+
+The book's "Running on a cluster" page has the launch commands (one node, several nodes, SLURM).
 """
 
 from .data_parallel import (
@@ -17,6 +22,20 @@ from .data_parallel import (
     unwrap,
     wrap_model,
 )
+from .expert_parallel import (
+    DENSE_ROUTERS,
+    EP_MESH_DIM,
+    ExchangeTimes,
+    ExpertParallel,
+    average_non_expert_gradients,
+    check_expert_parallel,
+    enable_expert_parallel,
+    exchange_timer,
+    expert_parameters,
+    named_expert_parameters,
+    non_expert_parameters,
+    resolve_group,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -31,4 +50,16 @@ __all__ = [
     "load_full_state",
     "unwrap",
     "wrap_model",
+    "DENSE_ROUTERS",
+    "EP_MESH_DIM",
+    "ExchangeTimes",
+    "ExpertParallel",
+    "average_non_expert_gradients",
+    "check_expert_parallel",
+    "enable_expert_parallel",
+    "exchange_timer",
+    "expert_parameters",
+    "named_expert_parameters",
+    "non_expert_parameters",
+    "resolve_group",
 ]

@@ -128,7 +128,9 @@ class MoEMlp(nn.Module):
             :meth:`load_dense_mlp` after building.
         init_std: ``None`` (``nn.Linear`` default init) or the truncated-normal std
             of timm's ViT/ConvNeXt init.
-        backend: ``"auto"``, ``"einsum"``, ``"sort"``, ``"segment"`` or ``"grouped_mm"`` (:mod:`.dispatch`).
+        backend: ``"auto"``, ``"einsum"``, ``"sort"``, ``"segment"`` or ``"grouped_mm"`` (:mod:`.dispatch`);
+            not used once :func:`vmoe_lib.distributed.enable_expert_parallel` has split the experts
+            over ranks (the ``expert_parallel`` attribute then dispatches).
         routing_share, routing_leader: share one per-image routing across layers.
     """
 
@@ -249,6 +251,9 @@ class MoEMlp(nn.Module):
         self.last_routing: Routing | None = None  # kept only while keep_routing is True (tests, analysis)
         self.keep_routing = False
         self._recorder = None  # a stats._LayerRecord while a RoutingRecorder is active
+        # Set by vmoe_lib.distributed.enable_expert_parallel: the experts are split over ranks and
+        # its dispatch_combine replaces the local backend.
+        self.expert_parallel: Any = None
 
     # Per-forward state (tensors with graphs) is not copied or pickled: deepcopy (EMA models)
     # and torch.save of a model work after a forward.
@@ -306,7 +311,7 @@ class MoEMlp(nn.Module):
         per_token = self.experts_per_token()
         if per_token is None:
             return own
-        return int(round(own - bank + per_token * bank / self.num_experts))
+        return int(round(own - bank + per_token * bank / self.experts.num_experts))  # local experts under EP
 
     def _route(self, x: torch.Tensor) -> Routing:
         if self.router is not None:
@@ -350,7 +355,10 @@ class MoEMlp(nn.Module):
         xg = x.reshape(B // per_group, per_group * T, D)
 
         routing = self._route(xg)
-        y, info = dispatch_combine(xg, routing, self.experts, self.backend)
+        if self.expert_parallel is None:
+            y, info = dispatch_combine(xg, routing, self.experts, self.backend)
+        else:
+            y, info = self.expert_parallel.dispatch_combine(xg, routing, self.experts)
         self.aux_loss = routing.aux_loss if self.router is not None else None
         self.last_metrics = routing.metrics
         self.last_dispatch = info
@@ -376,6 +384,8 @@ class MoEMlp(nn.Module):
         if self.router is None:
             parts.append(f"routing=shared from {self.routing_share.leader_name or 'the first MoE layer'}")
         parts += [f"group_size={self.group_size}", f"backend={self.backend!r}"]
+        if self.expert_parallel is not None:
+            parts.append(f"expert_parallel={self.expert_parallel!r}")
         return ", ".join(parts)
 
 
