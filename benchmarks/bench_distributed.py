@@ -327,7 +327,7 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
     for dense in (False, True):
         label = "dense ViT-pico" if dense else "test bed (MoE ViT-pico, all 4 MLPs, E=8, k=1)"
         one, two = [], []
-        for _ in range(2):  # 1 process, 2 processes, 1, 2: the slower machine state is seen by both
+        for _ in range(3):  # 1 process, 2 processes, 1, 2, ...: a slow spell of the machine is seen by both
             print(f"dp: {label}, 1 process", flush=True)
             one.append(_one_process_steps(dense, steps, DP_BATCH))
             print(f"dp: {label}, 2 processes", flush=True)
@@ -343,7 +343,7 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
         "",
         f"The book's training step (AdamW, label smoothing, aux loss, clipping) on {DP_BATCH} images per process, "
         f"1 thread per process; 2 processes: DDP over gloo (global batch {WORLD_SIZE * DP_BATCH}). Median over {steps} "
-        "steps after 3 warm-up steps, the better of two alternating measurements; for 2 processes the slower rank.",
+        "steps after 3 warm-up steps, the best of three alternating measurements; for 2 processes the slower rank.",
         "",
         "| model | 1 process: ms/step | img/s | 2 processes: ms/step | img/s | speed-up | scaling efficiency |",
         "|---|---|---|---|---|---|---|",
