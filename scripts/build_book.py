@@ -70,6 +70,8 @@ def copy_sources() -> None:
     shutil.copytree(ROOT / "book", STAGING / "book", ignore=shutil.ignore_patterns("_static"))
     # Jupyter Book includes every stylesheet found in _static/ at the book's root.
     shutil.copytree(ROOT / "book" / "_static", STAGING / "_static")
+    # Benchmark tables of record, which pages include as they are committed ({include} ../results/benchmarks/...).
+    shutil.copytree(ROOT / "results" / "benchmarks", STAGING / "results" / "benchmarks", ignore=shutil.ignore_patterns("*.json", "*.csv"))
     insert_scoreboard(STAGING / "book" / "intro.md")
 
 
