@@ -479,7 +479,7 @@ def write_sections(out_dir: Path, record: str, results: dict[str, dict[str, Any]
             parts += [section["markdown"],
                       f"`{m['command']}`: {m['cpu'].get('model')}, {m['cpu'].get('logical_cores')} cores, "
                       f"{m['world_size']} ranks x {m['threads_per_rank']} thread, load average {m['load_average_start']} "
-                      f"-> {m['load_average_end']}, git {m['git_sha']}, torch {m['versions']['torch']}, {m['finished_at']}.", ""]
+                      f"-> {m['load_average_end']}, git {(m['git_sha'] or '?')[:12]}, torch {m['versions']['torch']}, {m['finished_at']}.", ""]
     write_record(path, report, "\n".join(parts))
 
 
