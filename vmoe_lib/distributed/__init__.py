@@ -37,29 +37,7 @@ from .expert_parallel import (
     resolve_group,
 )
 
-__all__ = [
-    "STRATEGIES",
-    "DistributedContext",
-    "active_context",
-    "data_parallel_noise",
-    "full_state",
-    "global_randn",
-    "global_randn_like",
-    "init_from_env",
-    "launched_by_torchrun",
-    "load_full_state",
-    "unwrap",
-    "wrap_model",
-    "DENSE_ROUTERS",
-    "EP_MESH_DIM",
-    "ExchangeTimes",
-    "ExpertParallel",
-    "average_non_expert_gradients",
-    "check_expert_parallel",
-    "enable_expert_parallel",
-    "exchange_timer",
-    "expert_parameters",
-    "named_expert_parameters",
-    "non_expert_parameters",
-    "resolve_group",
-]
+from .data_parallel import __all__ as _data_parallel_all  # noqa: E402
+from .expert_parallel import __all__ as _expert_parallel_all  # noqa: E402
+
+__all__ = [*_data_parallel_all, *_expert_parallel_all]
