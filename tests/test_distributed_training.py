@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import psutil
 import pytest
@@ -200,7 +201,7 @@ def test_a_rank_share_of_partial_routing_groups_is_refused_before_training(data_
 
 # ----------------------------------------------------------------------------- the sweep engine's torchrun executor
 @pytest.mark.slow
-def test_torchrun_executor_trains_each_missing_run_on_two_processes(tmp_path):
+def test_torchrun_executor_trains_each_missing_run_on_two_processes_and_verify_reruns_it_so(tmp_path, monkeypatch):
     from vmoe_lib.results import load_or_run
 
     runs = {"a": TrainConfig(**{**CONFIG, "epochs": 1})}
@@ -211,6 +212,18 @@ def test_torchrun_executor_trains_each_missing_run_on_two_processes(tmp_path):
     _assert_close_histories(record["history"], one["history"])
     again = load_or_run("toy_sweep", "smoke", runs, [0], executor="torchrun", workers=2, progress=False)
     assert again[0].path.stat().st_mtime == first[0].path.stat().st_mtime  # present: not trained again
+
+    # verify reruns it on 2 processes too, and gets it bit for bit.
+    from vmoe_lib import chapters
+    from vmoe_lib.chapters.base import Preset
+    from vmoe_lib.verify import verify_chapter
+
+    preset = Preset("smoke", "toy", "CPU", 1.0, (0,))
+    toy = types.SimpleNamespace(NAME="toy_sweep", PRESETS={"smoke": preset}, experiment=lambda p: runs,
+                                run_options=lambda p: {})
+    monkeypatch.setitem(chapters.CHAPTERS, "toy_sweep", toy)
+    [check] = verify_chapter("toy_sweep", "smoke", sample=1, progress=False)
+    assert check.identical and check.compared > 10, [d.describe() for d in check.differences]
 
 
 def test_cli_distributed_with_another_executor_is_refused():

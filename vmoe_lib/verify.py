@@ -2,7 +2,7 @@
 
 ``python -m vmoe_lib verify <chapter> --preset cpu --sample N [--seed S]`` picks N recorded runs
 (reproducibly, by S), retrains each in a fresh worker process with the thread count and numerics
-settings its manifest records, into a scratch folder, and compares every recorded number that
+settings its manifest records (a record trained data-parallel: on as many ``torchrun`` processes), into a scratch folder, and compares every recorded number that
 is an outcome of the run (timings are not). A field that differs is shown with its size in units
 of the seed-to-seed standard deviation of that field across the record's seeds.
 """
@@ -144,9 +144,15 @@ def verify_chapter(chapter: str, preset: str = "cpu", *, sample: int = 1, seed: 
             task = RunTask(chapter, preset, manifest["run"], int(manifest["seed"]), TrainConfig.from_dict(manifest["config"]),
                            manifest["config_hash"], Path(scratch) / "results" / path.name, Path(scratch) / "cache",
                            hash_extra=hash_extra, extra_eval=options.get("extra_eval"), device=record.get("device", "cpu"))
+            # A record trained data-parallel (the torchrun executor) is rerun the same way: the same number of
+            # processes sums in the same order, so its rerun can be identical; one process could not be.
+            world = int((record.get("distributed") or {}).get("world_size", 1))
+            executor, workers_per_run = ("torchrun", world) if world > 1 else ("local", 1)
             if progress:
-                print(f"rerunning {path.name} ({threads} thread(s), numerics {'pinned' if pinned else 'not pinned'})", flush=True)
-            [outcome] = run_tasks([task], executor="local", workers=1, progress=False, pinned=pinned,
+                where = f"{world} data-parallel processes x " if world > 1 else ""
+                print(f"rerunning {path.name} ({where}{threads} thread(s), numerics {'pinned' if pinned else 'not pinned'})",
+                      flush=True)
+            [outcome] = run_tasks([task], executor=executor, workers=workers_per_run, progress=False, pinned=pinned,
                                   threads=threads)
             if not outcome.ok:
                 raise RuntimeError(f"rerun of {path.name} {outcome.status}: {outcome.error} (log: {outcome.log})")
