@@ -125,13 +125,14 @@ def _ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_sigkill_of_one_rank_then_relaunch_resumes(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_sigkill_of_one_rank_then_relaunch_resumes(tmp_path, strategy):
     # 2 epochs x 20 steps, a checkpoint every 3 steps and at each epoch end; rank 1 is killed after one.
     config = {**CONFIG, "train_subset": 640}
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     ckpt, out = tmp_path / "ck.pt", tmp_path / "a.json"
-    resumable = ("--checkpoint", str(ckpt), "--checkpoint-every-steps", "3")
+    resumable = ("--checkpoint", str(ckpt), "--checkpoint-every-steps", "3", "--strategy", strategy)
     victim = _torchrun(config, out, *resumable, env=env)
     deadline = time.monotonic() + 240
     while not ckpt.exists():
@@ -147,13 +148,13 @@ def test_sigkill_of_one_rank_then_relaunch_resumes(tmp_path):
     state = torch.load(ckpt, weights_only=False)["state"]
     assert state["epoch"] * 20 + state["step"] < 40  # killed part-way
 
-    uninterrupted = spawn_gloo(_train_rank, 2, config, "ddp", str(tmp_path / "u.safetensors"))[0]
+    uninterrupted = spawn_gloo(_train_rank, 2, config, strategy, str(tmp_path / "u.safetensors"))[0]
 
     again = _torchrun(config, out, *resumable, env=env)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     resumed = json.loads(out.read_text())
-    assert resumed["distributed"]["world_size"] == 2
+    assert resumed["distributed"] == {"rank": 0, "world_size": 2, "backend": "gloo", "strategy": strategy}
     assert _outcome(resumed["history"]) == _outcome(uninterrupted["history"])  # bit for bit
     assert resumed["final"] == uninterrupted["final"]
 
