@@ -227,6 +227,16 @@ def test_torchrun_executor_trains_each_missing_run_on_two_processes_and_verify_r
     assert check.identical and check.compared > 10, [d.describe() for d in check.differences]
 
 
+def test_cli_distributed_with_a_batch_the_processes_cannot_share_fails_before_training():
+    # routers_bpr's smoke runs use a global batch of 128 with groups of 8 images: 3 processes cannot share it.
+    out = subprocess.run([sys.executable, "-m", "vmoe_lib", "run", "routers_bpr", "--preset", "smoke", "--distributed", "3",
+                          "--seeds", "0"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "cannot train on 3 data-parallel processes: batch_size=" in out.stderr
+    assert "is invalid on 3 processes" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_cli_distributed_with_another_executor_is_refused():
     out = subprocess.run([sys.executable, "-m", "vmoe_lib", "run", "dense_baselines", "--distributed", "2",
                           "--executor", "slurm"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,

@@ -315,6 +315,13 @@ def _distributed_task_main(task_file: str, outcome_file: str) -> int:
 
 def _run_torchrun(tasks: Sequence[RunTask], nproc: int, threads: int, progress: bool, pinned: bool) -> list[RunOutcome]:
     """Each task in turn, on ``nproc`` data-parallel processes started by ``torch.distributed.run``."""
+    from .train import check_data_parallel
+
+    for task in tasks:  # a batch the processes cannot share fails here, before any run starts
+        try:
+            check_data_parallel(task.config, nproc)
+        except ConfigError as err:
+            raise ConfigError(f"run {task.label} cannot train on {nproc} data-parallel processes: {err}") from None
     bar, _ = _progress_bars(len(tasks), 1, progress, f"sweep (torchrun: {nproc} processes x {threads} thread{'s' * (threads > 1)} per run)")
     env = _worker_env(threads, pinned=pinned)
     out = []

@@ -49,7 +49,7 @@ from .layers.aux import collect_aux_loss
 from .models import create_model, list_models
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train_model", "evaluate", "resolve_device", "load_data_for", "make_optimizer",
-           "optimizer_impl"]
+           "optimizer_impl", "check_data_parallel"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,11 +74,12 @@ def _check_model_kwargs(model: str, model_kwargs: dict[str, Any]) -> None:
 
 
 @functools.lru_cache(maxsize=512)
-def _build_on_meta(key: str) -> None:
+def _build_on_meta(key: str) -> int:
+    """Build ``[model, model_kwargs]`` (JSON) on the meta device; return its MoE routing group size (images)."""
     model, model_kwargs = json.loads(key)
     try:
         with torch.device("meta"):
-            create_model(model, **model_kwargs)
+            return _routing_group_size(create_model(model, **model_kwargs))
     except ConfigError as err:
         raise ConfigError(f"model_kwargs={model_kwargs!r} are invalid for model={model!r}: {err}") from None
     except TypeError as err:
@@ -571,6 +572,17 @@ def train_model(
     if ctx is not None:
         record["distributed"] = ctx.describe()
     return record
+
+
+def check_data_parallel(config: TrainConfig, world_size: int) -> None:
+    """Raise :class:`ConfigError` when ``world_size`` data-parallel processes cannot share ``config``'s global batch.
+
+    ``batch_size`` must divide by ``world_size``, and each share must hold whole MoE routing groups (see
+    :mod:`vmoe_lib.distributed`). The sweep engine calls this for every run before starting any.
+    """
+    if world_size > 1:
+        group = _build_on_meta(json.dumps([config.model, config.model_kwargs], sort_keys=True))
+        DistributedContext(rank=0, world_size=world_size).check_batch("batch_size", config.batch_size, group)
 
 
 def _routing_group_size(model: nn.Module) -> int:
