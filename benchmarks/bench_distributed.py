@@ -19,8 +19,8 @@ record it names):
     Training steps of the chapters' test bed and of its dense model on 2 gloo processes (DDP) vs 1,
     at the same batch per process (128 images): images/s and scaling efficiency.
 ``dp_equality`` -> ``data_parallel_equality.{json,md}``
-    The test bed trained for 32 steps by one process and by 2 (DDP, then FSDP2) with the same global
-    batch: the largest differences of losses, accuracies and final parameters.
+    The test bed trained for 32 steps by one process and by 2 (DDP, FSDP2, then expert parallelism)
+    with the same global batch: the largest differences of losses, accuracies and final parameters.
 
 Each section is one entry of ``SECTIONS``: a function ``(args) -> dict`` returning its rows and a
 ``"markdown"`` key, and the record it belongs to. Sections of one record are merged into the
@@ -389,7 +389,7 @@ def run_dp_equality(args: argparse.Namespace) -> dict[str, Any]:
         print("dp_equality: 1 process", flush=True)
         one = train_model(TrainConfig(**config), 0, device="cpu", progress=False, weights_path=f"{folder}/one.safetensors")
         w1 = load_file(f"{folder}/one.safetensors")
-        for strategy in ("ddp", "fsdp2"):
+        for strategy in ("ddp", "fsdp2", "ep"):
             print(f"dp_equality: 2 processes, {strategy}", flush=True)
             two = spawn_gloo(_dp_equality_rank, WORLD_SIZE, config, strategy, f"{folder}/{strategy}.safetensors")[0]
             w2 = load_file(f"{folder}/{strategy}.safetensors")

@@ -81,7 +81,7 @@ def _assert_close_histories(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "ep"])
 def test_two_ranks_train_the_one_process_run(tmp_path, strategy):
     from safetensors.torch import load_file
 
@@ -97,7 +97,7 @@ def test_two_ranks_train_the_one_process_run(tmp_path, strategy):
     assert w1.keys() == w2.keys()
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert worst < PARAM_ATOL
-    assert worst > 0 or strategy == "fsdp2"  # sanity: the two runs were really different computations
+    assert worst > 0 or strategy != "ddp"  # sanity: the two runs were really different computations
 
 
 def _noise_rank(rank: int, world_size: int) -> torch.Tensor:
@@ -125,7 +125,7 @@ def _ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "ep"])
 def test_sigkill_of_one_rank_then_relaunch_resumes(tmp_path, strategy):
     # 2 epochs x 20 steps, a checkpoint every 3 steps and at each epoch end; rank 1 is killed after one.
     config = {**CONFIG, "train_subset": 640}

@@ -37,6 +37,8 @@ from .data import DATASETS, BatchLoader, ImageDataset, load_dataset
 from .distributed.data_parallel import (
     STRATEGIES,
     DistributedContext,
+    after_backward,
+    clip_grad_norm,
     data_parallel_noise,
     full_state,
     init_from_env,
@@ -221,8 +223,9 @@ def evaluate(
     """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (eval mode).
 
     In a data-parallel run under DDP, rank ``r`` evaluates the batches ``r, r + N, ...`` (the 1-process
-    run's batches, so its routing groups) and the sums are added over ranks; under FSDP2 every rank
-    runs every batch (each forward all-gathers the shards, so all ranks must run the same forwards).
+    run's batches, so its routing groups) and the sums are added over ranks; under FSDP2 and ``"ep"``
+    every rank runs every batch (each forward all-gathers the shards or exchanges tokens between the
+    ranks' experts, so all ranks must run the same forwards).
     """
     device = device or loader.device
     was_training = model.training
@@ -493,9 +496,14 @@ def train_model(
             last_finite = task_value + aux_value
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if ctx is not None:
+                after_backward(model, ctx)
             if config.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+                if ctx is None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                else:
+                    clip_grad_norm(net, config.grad_clip, ctx)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -539,7 +547,7 @@ def train_model(
 
     if ctx is not None and ctx.strategy == "ddp" and not ctx.is_main:
         return None  # rank 0 evaluates the final model alone (DDP keeps a full copy on every rank)
-    # Under FSDP2 every rank runs these forwards (each all-gathers the shards); rank 0 keeps the record.
+    # Under FSDP2 and "ep" every rank runs these forwards (collectives inside); rank 0 keeps the record.
     predictions = bypass = None
     if "test" in eval_loaders:
         from .predictions import collect_predictions, pack_predictions
@@ -604,7 +612,8 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the record here instead of stdout")
     parser.add_argument("--weights", default=None, help="save the final weights here (safetensors)")
     parser.add_argument("--strategy", default="ddp", choices=STRATEGIES,
-                        help="data parallelism under torchrun: ddp (default) or fsdp2 (sharded, for large models)")
+                        help="under torchrun: ddp (default), fsdp2 (parameters sharded, for large models) or ep (the "
+                        "experts of every MoE layer split over the processes, the rest replicated)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     text = Path(args.config).read_text() if os.path.isfile(args.config) else args.config

@@ -10,6 +10,8 @@ The book's "Running on a cluster" page has the launch commands (one node, severa
 
 from .data_parallel import (
     STRATEGIES,
+    after_backward,
+    clip_grad_norm,
     DistributedContext,
     active_context,
     data_parallel_noise,

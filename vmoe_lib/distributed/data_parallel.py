@@ -4,6 +4,7 @@ Launch with PyTorch's own launcher (``torchrun`` ships with torch)::
 
     torchrun --nproc_per_node 4 -m vmoe_lib.train config.json --seed 0 --out record.json
     torchrun --nproc_per_node 4 -m vmoe_lib.train config.json --strategy fsdp2 ...
+    torchrun --nproc_per_node 4 -m vmoe_lib.train config.json --strategy ep ...     # experts split over ranks
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous; :func:`init_from_env`
 reads them and opens the process group (nccl on CUDA, gloo on the CPU). What makes the N-process
@@ -20,7 +21,10 @@ run the 1-process run:
 * **Router noise.** The logit noise of the routers is drawn for the *global* batch on every rank and
   sliced (:func:`global_randn_like`), so each token gets the noise it gets in the 1-process run and the
   ranks' generators stay in step.
-* **Schedule, clipping, optimizer**: unchanged; they see the averaged gradients.
+* **Schedule, clipping, optimizer**: unchanged; they see the averaged gradients. Under ``"ep"`` the
+  norm for clipping adds every rank's expert gradients (:func:`clip_grad_norm`), and checkpoints hold
+  the full model: :func:`full_state` gathers the experts (and their optimizer state) of all ranks, and
+  :func:`load_full_state` keeps a rank's own.
 
 What differs: the order of floating-point sums (the gradient all-reduce, the loss and accuracy sums),
 so the N-process run equals the 1-process run within float32 tolerance over a few steps (the tests
@@ -56,9 +60,11 @@ __all__ = [
     "unwrap",
     "full_state",
     "load_full_state",
+    "after_backward",
+    "clip_grad_norm",
 ]
 
-STRATEGIES = ("ddp", "fsdp2")
+STRATEGIES = ("ddp", "fsdp2", "ep")
 
 _ACTIVE: DistributedContext | None = None  # set while a data-parallel run trains (router noise)
 
@@ -70,7 +76,9 @@ class DistributedContext:
     Attributes:
         rank, world_size, local_rank: as ``torchrun`` sets them.
         backend: ``"gloo"`` or ``"nccl"``.
-        strategy: ``"ddp"`` (DistributedDataParallel) or ``"fsdp2"`` (``fully_shard`` per block).
+        strategy: ``"ddp"`` (DistributedDataParallel), ``"fsdp2"`` (``fully_shard`` per block) or ``"ep"``
+            (each rank holds ``E / N`` experts of every MoE layer and trains on its share of the batch; the
+            replicated parameters' gradients are averaged over ranks, see :mod:`.expert_parallel`).
     """
 
     rank: int
@@ -190,7 +198,12 @@ def global_randn_like(local: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_model(model: nn.Module, context: DistributedContext, device: torch.device) -> nn.Module:
-    """DDP around ``model``, or FSDP2 (``fully_shard`` on every block, then the root) on a 1-D mesh."""
+    """DDP around ``model``; FSDP2 (``fully_shard`` on every block, then the root) on a 1-D mesh; or, for
+    ``"ep"``, the experts of every MoE layer split over the ranks (in place; see :func:`after_backward`)."""
+    if context.strategy == "ep":
+        from .expert_parallel import enable_expert_parallel
+
+        return enable_expert_parallel(model)
     if context.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -225,11 +238,78 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def after_backward(model: nn.Module, context: DistributedContext | None) -> None:
+    """What a strategy needs between ``backward`` and clipping: under ``"ep"``, average the replicated
+    parameters' gradients over the ranks (DDP and FSDP2 do theirs inside ``backward``)."""
+    if context is not None and context.strategy == "ep":
+        from .expert_parallel import average_non_expert_gradients
+
+        average_non_expert_gradients(model)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, context: DistributedContext | None) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole model, also when its experts are split over ranks.
+
+    Under ``"ep"`` each rank holds other experts, so the norm adds the ranks' expert gradients (an
+    all-reduce) to the replicated ones (counted once): every rank scales by the same factor, the
+    1-process run's.
+    """
+    if context is None or context.strategy != "ep":
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    from .expert_parallel import expert_parameters, non_expert_parameters
+
+    experts = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    others = [p.grad for p in non_expert_parameters(model) if p.grad is not None]
+    device = (experts or others)[0].device
+    squares = torch.stack([torch.zeros((), dtype=torch.float64, device=device),
+                           *(g.detach().double().square().sum() for g in experts)]).sum()
+    dist.all_reduce(squares)
+    squares = squares + sum((g.detach().double().square().sum() for g in others), torch.zeros((), dtype=torch.float64, device=device))
+    coefficient = torch.clamp(max_norm / (squares.sqrt() + 1e-6), max=1.0)
+    for g in experts + others:
+        g.mul_(coefficient.to(g.dtype))
+
+
+def _expert_slices(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Under ``"ep"``: each expert tensor's name -> (first, count) of the experts this rank holds."""
+    from .expert_parallel import named_expert_parameters
+
+    rank = dist.get_rank()
+    return {name: (rank * p.shape[0], p.shape[0]) for name, p in named_expert_parameters(model)}
+
+
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts)
+
+
+def _optimizer_expert_indices(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
+    from .expert_parallel import expert_parameters
+
+    experts = {id(p) for p in expert_parameters(model)}
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i for i, p in enumerate(order) if id(p) in experts}
+
+
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, context: DistributedContext) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state dicts, on the CPU, for rank 0 to save.
 
-    A collective under FSDP2 (every rank must call it); a plain ``state_dict`` under DDP.
+    A collective under FSDP2 and ``"ep"`` (every rank must call it; ``"ep"`` gathers the experts of
+    every rank in order); a plain ``state_dict`` under DDP.
     """
+    if context.strategy == "ep":
+        slices = _expert_slices(model)
+        model_state = {k: (_gathered(v) if k in slices else v).cpu() for k, v in model.state_dict().items()}
+        optimizer_state = optimizer.state_dict()
+        expert_indices = _optimizer_expert_indices(model, optimizer)
+        for index in sorted(optimizer_state["state"]):
+            state = optimizer_state["state"][index]
+            if index in expert_indices:
+                optimizer_state["state"][index] = {k: (_gathered(v) if torch.is_tensor(v) and v.ndim > 0 else v)
+                                                   for k, v in state.items()}
+        return model_state, optimizer_state
     if context.strategy == "ddp":
         return unwrap(model).state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -241,6 +321,21 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, context: Dist
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
                     context: DistributedContext) -> None:
     """Load what :func:`full_state` saved into the wrapped model and its optimizer (every rank)."""
+    if context.strategy == "ep":  # keep this rank's experts of the full tensors
+        slices = _expert_slices(model)
+        model.load_state_dict({k: (v[slices[k][0]:slices[k][0] + slices[k][1]] if k in slices else v)
+                               for k, v in model_state.items()})
+        expert_indices = _optimizer_expert_indices(model, optimizer)
+        rank = dist.get_rank()
+        state = dict(optimizer_state)
+        state["state"] = {}
+        for index, values in optimizer_state["state"].items():
+            if index in expert_indices:
+                values = {k: (v.chunk(dist.get_world_size())[rank].clone() if torch.is_tensor(v) and v.ndim > 0 else v)
+                          for k, v in values.items()}
+            state["state"][index] = values
+        optimizer.load_state_dict(state)
+        return
     if context.strategy == "ddp":
         unwrap(model).load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
