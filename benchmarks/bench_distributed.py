@@ -421,8 +421,8 @@ def run_dp_equality(args: argparse.Namespace) -> dict[str, Any]:
         "",
         "Accuracies are fractions (5e-4 = 1 image in 2000). The processes multiply matrices of half the rows (another "
         "blocking, other roundings) and sum the gradients, losses and accuracies in another order than one process does, "
-        "and AdamW's normalised step magnifies the last bits; the three strategies share the first two, hence their "
-        "equal loss columns. Over a few steps the "
+        "and AdamW's normalised step magnifies the last bits. (The three strategies came out with the same largest loss "
+        "and accuracy differences; their parameters differ.) Over a few steps the "
         "runs agree within float tolerance (`tests/test_distributed_training.py`: 16 steps of a smaller MoE, 1e-5 "
         "relative on losses, accuracies equal, 2e-4 on parameters). Over longer training the differences grow, as they "
         "do between 1 and 2 threads: once a token's top-1 expert flips, the runs take different paths. Here, after 32 "
