@@ -11,6 +11,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,3 +130,19 @@ def single_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def use_hermetic_folders(mp: Any, data_dir: Any, tmp_path: Any) -> None:
+    """Point data, results and cache at test folders (``mp``: a ``pytest.MonkeyPatch``); forget cached data.
+
+    The engine reads ``VMOE_DATA_DIR``/``VMOE_RESULTS_DIR``/``VMOE_CACHE_DIR``; spawned and
+    subprocess ranks inherit them. ``VMOE_REQUIRE_RESULTS`` is cleared so missing runs train. The
+    in-memory data cache is keyed by (dataset, image_size, val_size) only, not by the folder.
+    """
+    from vmoe_lib import train as vtrain
+
+    mp.setenv("VMOE_DATA_DIR", str(data_dir))
+    mp.setenv("VMOE_RESULTS_DIR", str(tmp_path / "results"))
+    mp.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
+    mp.delenv("VMOE_REQUIRE_RESULTS", raising=False)
+    mp.setattr(vtrain, "_DATA_CACHE", {})

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from distributed_helpers import spawn_gloo
-from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, write_fashion_mnist
-from vmoe_lib import train as vtrain
+from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, use_hermetic_folders, write_fashion_mnist
 from vmoe_lib.distributed import DistributedContext, global_randn, init_from_env, wrap_model
 from vmoe_lib.distributed.data_parallel import data_parallel_noise
 from vmoe_lib.errors import ConfigError
@@ -52,10 +51,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("VMOE_DATA_DIR", str(data_dir))  # spawned ranks inherit the environment
-    monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(vtrain, "_DATA_CACHE", {})
+    use_hermetic_folders(monkeypatch, data_dir, tmp_path)  # spawned ranks inherit the environment
 
 
 def _train_rank(rank: int, world_size: int, config: dict, strategy: str, weights: str) -> dict | None:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from helpers_foundation import single_torch_thread, write_fashion_mnist
+from helpers_foundation import single_torch_thread, use_hermetic_folders, write_fashion_mnist
 from vmoe_lib import results as vresults
 from vmoe_lib import train as vtrain
 from vmoe_lib.errors import ConfigError
@@ -38,11 +38,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("VMOE_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("VMOE_REQUIRE_RESULTS", raising=False)
-    monkeypatch.setattr(vtrain, "_DATA_CACHE", {})
+    use_hermetic_folders(monkeypatch, data_dir, tmp_path)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, write_fashion_mnist
+from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, use_hermetic_folders, write_fashion_mnist
 from vmoe_lib import train as vtrain
 from vmoe_lib.chapters import base as chapter_base
 from vmoe_lib.chapters.base import Preset, apply_overrides, parse_overrides, parse_seeds, run_sweep
@@ -46,11 +46,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("VMOE_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("VMOE_REQUIRE_RESULTS", raising=False)
-    monkeypatch.setattr(vtrain, "_DATA_CACHE", {})
+    use_hermetic_folders(monkeypatch, data_dir, tmp_path)
 
 
 def _outcome(result) -> dict:

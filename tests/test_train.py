@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import vmoe_lib
-from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, write_fashion_mnist
+from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, use_hermetic_folders, write_fashion_mnist
 from vmoe_lib import train as vtrain
 from vmoe_lib.costs import count_parameters, flops_per_image, model_costs
 from vmoe_lib.data import BatchLoader
@@ -46,17 +46,9 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-def _use_data(mp: pytest.MonkeyPatch, data_dir, tmp_path) -> None:
-    mp.setenv("VMOE_DATA_DIR", str(data_dir))
-    mp.setenv("VMOE_RESULTS_DIR", str(tmp_path / "results"))
-    mp.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
-    # The in-memory data cache is keyed by (dataset, image_size, val_size) only, not by the folder.
-    mp.setattr(vtrain, "_DATA_CACHE", {})
-
-
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path, monkeypatch, data_dir):
-    _use_data(monkeypatch, data_dir, tmp_path)
+    use_hermetic_folders(monkeypatch, data_dir, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ def reference(data_dir, tmp_path_factory):
         return {"n_val": int(data.val_images.shape[0])}
 
     with pytest.MonkeyPatch.context() as mp:
-        _use_data(mp, data_dir, tmp_path_factory.mktemp("reference"))
+        use_hermetic_folders(mp, data_dir, tmp_path_factory.mktemp("reference"))
         record = train_model(TrainConfig(**TINY), 0, device="cpu", progress=False, extra_eval=extra_eval)
     return record, seen
 
