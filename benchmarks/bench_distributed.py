@@ -358,7 +358,8 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
         "all-reduce of DDP runs over gloo on loopback, overlapped with the backward pass in buckets. Its cost grows "
         "with the parameters, not the activated ones: the MoE test bed all-reduces 1.13M parameters (its 32 experts "
         "included) against the dense model's 0.21M. Between runs of this section on this machine the efficiencies "
-        "move by more than 10 points (the MoE's from 76 to 89 %, the dense model's from 85 to 96 %, in five runs), so "
+        "move by more than 10 points (the MoE's from 76 to 89 %, the dense model's from 85 to 96 %, in four runs; a fifth, "
+        "disturbed, gave the dense model 106 %), so "
         "read them as 'about 80-95 %' and not as a difference between the two models.",
         "",
     ]
