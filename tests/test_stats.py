@@ -15,7 +15,7 @@ from scipy import stats as st
 from vmoe_lib.errors import ConfigError
 from vmoe_lib.stats import (
     Claim, decide_family, holm, interaction, mcnemar, mde, paired_bootstrap, paired_t, power_table, seeds_for_mde,
-    slope, tost, verdict_frame, welch_t, write_verdict_records,
+    noninferiority, slope, tost, verdict_frame, welch_t, write_verdict_records,
 )
 
 
@@ -123,6 +123,37 @@ def test_tost_hand_worked():
     assert r.p_value == pytest.approx(3.4e-4, rel=0.01)  # the upper test decides: t = -0.95 / se = -14.7, 3 dof
     far = tost(a + 0.03, b, margin=1.0, paired=True)  # 3 points apart: far outside the margin
     assert far.p_value > 0.99
+
+
+def test_noninferiority_hand_worked():
+    # paired differences -0.2, 0.0, -0.1, 0.1 points: mean -0.05, sd sqrt(0.05/3), se sd/2, margin 0.5
+    a = np.array([79.8, 80.0, 79.9, 80.1]) / 100
+    b = np.full(4, 0.80)
+    r = noninferiority(a, b, margin=0.5, paired=True)
+    se = math.sqrt(0.05 / 3) / 2
+    assert r.test == "noninferiority" and r.effect == pytest.approx(-0.05)
+    assert r.p_value == pytest.approx(st.t.sf((-0.05 + 0.5) / se, 3))  # t = 0.45 / 0.0645 = 6.97, 3 dof
+    assert r.p_value == pytest.approx(3.0e-3, rel=0.05)
+    assert r.mde == pytest.approx((st.t.ppf(0.95, 3) + st.t.ppf(0.80, 3)) * se)
+    worse = noninferiority(a - 0.02, b, margin=0.5, paired=True)  # 2 points worse: far beyond the margin
+    assert worse.p_value > 0.99 and worse.upper < -0.5
+    with pytest.raises(ConfigError, match=r"margin=0 is invalid"):
+        noninferiority(a, b, margin=0, paired=True)
+
+
+def test_noninferiority_claim():
+    c = claim("not_worse", "noninferiority", min_effect=0.5)
+    a = np.array([79.8, 80.0, 79.9, 80.1, 80.0]) / 100
+    b = np.full(5, 0.80)
+    ok = decide_family([c], {"not_worse": noninferiority(a, b, margin=0.5, paired=True)})[0]
+    assert ok.verdict == "reproduced" and "not worse by 0.5 points" in ok.why
+    bad = decide_family([c], {"not_worse": noninferiority(a - 0.02, b, margin=0.5, paired=True)})[0]
+    assert bad.verdict == "not reproduced" and "worse by more than the margin" in bad.why
+    noisy = np.array([78.0, 82.0, 79.0, 81.5, 79.5]) / 100  # wide: neither shown
+    assert decide_family([c], {"not_worse": noninferiority(noisy, b, margin=0.5, paired=True)})[0].verdict == "inconclusive"
+    assert verdict_frame([ok]).loc["not_worse", "min effect"] == "-0.5"
+    with pytest.raises(ConfigError, match=r"test='noninferiority' has no direction"):
+        claim("x", "noninferiority", direction="less")
 
 
 def test_holm_hand_worked():

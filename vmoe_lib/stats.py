@@ -20,6 +20,11 @@ Equivalence claims ("A is as good as B") are decided by two one-sided tests (TOS
 margin ``min_effect``: reproduced when the Holm-adjusted TOST p < 0.05, not reproduced when the
 one-sided 95 % bound shows ``|effect| > min_effect``, inconclusive otherwise.
 
+Non-inferiority claims ("A is never meaningfully worse than B") are decided by one one-sided test
+against the margin ``min_effect`` (H0: A is worse than B by ``min_effect`` or more): reproduced when
+its Holm-adjusted p < 0.05, not reproduced when the one-sided 95 % upper bound of ``A - B`` is below
+``-min_effect`` (A is worse by more than the margin), inconclusive otherwise.
+
 Effects are in accuracy points (percent) in the paper's direction: a positive effect agrees with
 the paper. The interval shown is the two-sided 90 % one, whose ends are the two one-sided 95 %
 bounds the rule reads. Tests (each with a hand-worked example in ``tests/test_stats.py``):
@@ -31,7 +36,8 @@ bounds the rule reads. Tests (each with a hand-worked example in ``tests/test_st
 * :func:`paired_bootstrap` — the same contrast by resampling test images;
 * :func:`slope` — a trend: least-squares slope with its bound;
 * :func:`interaction` — the difference of two paired differences, per seed;
-* :func:`tost` — equivalence within a margin.
+* :func:`tost` — equivalence within a margin;
+* :func:`noninferiority` — not worse than the other arm by the margin or more.
 
 :func:`mde` gives the minimal detectable effect of a design at 80 % power, and
 :func:`seeds_for_mde` the seeds needed for a target one.
@@ -54,7 +60,7 @@ from .errors import ConfigError, check_choice
 
 __all__ = [
     "ALPHA", "POWER", "VERDICTS", "TESTS", "Claim", "TestResult", "VerdictRecord",
-    "paired_t", "welch_t", "mcnemar", "paired_bootstrap", "slope", "interaction", "tost",
+    "paired_t", "welch_t", "mcnemar", "paired_bootstrap", "slope", "interaction", "tost", "noninferiority",
     "holm", "mde", "seeds_for_mde", "decide", "decide_family", "verdict_frame", "write_verdict_records",
     "power_table",
 ]
@@ -62,7 +68,7 @@ __all__ = [
 ALPHA = 0.05
 POWER = 0.80
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable")
-TESTS = ("paired_t", "welch_t", "mcnemar", "paired_bootstrap", "slope", "interaction", "tost")
+TESTS = ("paired_t", "welch_t", "mcnemar", "paired_bootstrap", "slope", "interaction", "tost", "noninferiority")
 DIRECTIONS = ("greater", "less")
 POINTS = 100.0  # accuracies are stored as fractions; effects are reported in points
 
@@ -78,7 +84,8 @@ class Claim:
         source: the paper and where in it (``"V-MoE, arXiv:2106.05974, Sec. 4, Fig. 5"``).
         contrast: what is compared, e.g. ``"softmax_ec vs softmax_tc"``.
         test: one of :data:`TESTS`.
-        min_effect: the smallest effect of interest, in points (> 0); for ``tost`` the equivalence margin.
+        min_effect: the smallest effect of interest, in points (> 0); for ``tost`` the equivalence margin, for
+            ``noninferiority`` the largest shortfall of A that does not matter.
         min_effect_why: where ``min_effect`` comes from (the paper's effect size, a figure...).
         family: the claims Holm's correction runs within (usually the chapter).
         paired: whether the arms are paired (by seed or per image).
@@ -114,6 +121,9 @@ class Claim:
             raise ConfigError(f"claim {self.id!r}: test={self.test!r} needs paired=True")
         if self.test == "welch_t" and self.paired:
             raise ConfigError(f"claim {self.id!r}: test='welch_t' is for unpaired arms; use 'paired_t' for paired ones")
+        if self.test in ("tost", "noninferiority") and self.direction != "greater":
+            raise ConfigError(f"claim {self.id!r}: test={self.test!r} has no direction (the effect is A - B against the "
+                              f"margin); leave direction='greater' and order the contrast as A vs B")
 
 
 @dataclass(frozen=True)
@@ -312,6 +322,29 @@ def tost(a: Sequence[float], b: Sequence[float], *, margin: float, paired: bool,
     return replace(base, test="tost", p_value=p, mde=half, detail={**base.detail, "margin": margin, "paired": paired})
 
 
+def noninferiority(a: Sequence[float], b: Sequence[float], *, margin: float, paired: bool,
+                   scale: float = POINTS) -> TestResult:
+    """Is ``a`` not worse than ``b`` by ``margin`` points or more? One one-sided test of H0: ``mean(a - b) <= -margin``.
+
+    The effect is ``a - b`` (points); ``p_value`` is the one-sided p of that H0 (t-test, paired by seed or
+    Welch). ``mde`` here is the smallest margin this design demonstrates with 80 % power when the arms
+    are truly equal: the margin must exceed it for non-inferiority to be shown.
+    """
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not margin > 0:
+        raise ConfigError(f"margin={margin!r} is invalid; it must be a number > 0 (points)")
+    base = paired_t(a, b, scale=scale) if paired else welch_t(a, b, scale=scale)
+    dof = base.detail["dof"]
+    q = float(_st.t.ppf(1 - ALPHA, dof))
+    se = (base.upper - base.effect) / q if q > 0 else 0.0
+    if se == 0.0:
+        p = 0.0 if base.effect > -margin else 1.0
+    else:
+        p = float(_st.t.sf((base.effect + margin) / se, dof))
+    smallest = float((_st.t.ppf(1 - ALPHA, dof) + _st.t.ppf(POWER, dof)) * se)
+    return replace(base, test="noninferiority", p_value=p, mde=smallest,
+                   detail={**base.detail, "margin": margin, "paired": paired})
+
+
 # ----------------------------------------------------------------------------------- design
 def mde(sd: float, n: int, *, paired: bool, alpha: float = ALPHA, power: float = POWER) -> float:
     """Minimal detectable effect (same unit as ``sd``) of a one-sided t-test at ``alpha`` with ``power``.
@@ -409,6 +442,16 @@ def decide(claim: Claim, result: TestResult | None, p_holm: float | None, contro
         if result.lower > m or result.upper < -m:
             return "not reproduced", f"the 90% interval lies outside ±{m:g} points: the arms differ by more than the margin"
         return "inconclusive", f"the 90% interval [{result.lower:+.2f}, {result.upper:+.2f}] is not within ±{m:g} points"
+    if claim.test == "noninferiority":
+        if p_holm is not None and p_holm < ALPHA:
+            return "reproduced", (f"not worse by {m:g} points or more (one-sided test against the margin, Holm p "
+                                  f"{p_holm:.3g} < {ALPHA})")
+        if result.upper < -m:
+            return "not reproduced", (f"the 95% upper bound {result.upper:+.2f} is below -{m:g}: worse by more than the "
+                                      f"margin")
+        return "inconclusive", (f"the 95% lower bound {result.lower:+.2f} does not exclude a shortfall of {m:g} points "
+                                f"and the upper bound {result.upper:+.2f} does not show one; smallest margin this design "
+                                f"shows {result.mde:.2f}")
     if result.upper < m:
         if p_holm is not None and p_holm < ALPHA:
             return "not reproduced", (f"an effect in the paper's direction is present (Holm p {p_holm:.3g}) but its 95% "
@@ -488,7 +531,7 @@ def verdict_frame(records: Sequence[VerdictRecord]) -> pd.DataFrame:
             "verdict": v.verdict,
             "effect (points)": _fmt(v.effect, "+.2f"),
             "90% interval": ci,
-            "min effect": f"{'±' if v.test == 'tost' else ''}{v.min_effect:g}",
+            "min effect": f"{'±' if v.test == 'tost' else '-' if v.test == 'noninferiority' else ''}{v.min_effect:g}",
             "Holm p": _fmt(v.p_holm, ".3g"),
             "MDE (80%)": _fmt(v.mde, ".2f"),
             "n": "/".join(str(x) for x in v.n) if isinstance(v.n, list) else _fmt(v.n, "d") if isinstance(v.n, int) else "—",
