@@ -299,6 +299,17 @@ def interaction(a1: Sequence[float], b1: Sequence[float], a2: Sequence[float], b
                                                   "a2": arrays[2].tolist(), "b2": arrays[3].tolist()})
 
 
+def _against_margin(a: Sequence[float], b: Sequence[float], *, margin: float, paired: bool,
+                    scale: float) -> tuple[TestResult, float, float]:
+    """The t-test of ``a - b`` (paired or Welch) that a margin test starts from: ``(result, dof, se)``."""
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not margin > 0:
+        raise ConfigError(f"margin={margin!r} is invalid; it must be a number > 0 (points)")
+    base = paired_t(a, b, scale=scale) if paired else welch_t(a, b, scale=scale)
+    dof = base.detail["dof"]
+    q = float(_st.t.ppf(1 - ALPHA, dof))
+    return base, dof, (base.upper - base.effect) / q if q > 0 else 0.0
+
+
 def tost(a: Sequence[float], b: Sequence[float], *, margin: float, paired: bool, scale: float = POINTS) -> TestResult:
     """Two one-sided tests of equivalence: is ``|mean(a - b)| < margin`` (points)?
 
@@ -306,12 +317,7 @@ def tost(a: Sequence[float], b: Sequence[float], *, margin: float, paired: bool,
     the effect is ``a - b`` (no direction). ``mde`` here is the half-width of the 90 % interval: the
     margin must exceed it for equivalence to be demonstrable with 80 %-ish power at zero true effect.
     """
-    if not isinstance(margin, (int, float)) or not margin > 0:
-        raise ConfigError(f"margin={margin!r} is invalid; it must be a number > 0 (points)")
-    base = paired_t(a, b, scale=scale) if paired else welch_t(a, b, scale=scale)
-    dof = base.detail["dof"]
-    q = float(_st.t.ppf(1 - ALPHA, dof))
-    se = (base.upper - base.effect) / q if q > 0 else 0.0
+    base, dof, se = _against_margin(a, b, margin=margin, paired=paired, scale=scale)
     if se == 0.0:
         p = 0.0 if abs(base.effect) < margin else 1.0
     else:
@@ -330,12 +336,7 @@ def noninferiority(a: Sequence[float], b: Sequence[float], *, margin: float, pai
     Welch). ``mde`` here is the smallest margin this design demonstrates with 80 % power when the arms
     are truly equal: the margin must exceed it for non-inferiority to be shown.
     """
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not margin > 0:
-        raise ConfigError(f"margin={margin!r} is invalid; it must be a number > 0 (points)")
-    base = paired_t(a, b, scale=scale) if paired else welch_t(a, b, scale=scale)
-    dof = base.detail["dof"]
-    q = float(_st.t.ppf(1 - ALPHA, dof))
-    se = (base.upper - base.effect) / q if q > 0 else 0.0
+    base, dof, se = _against_margin(a, b, margin=margin, paired=paired, scale=scale)
     if se == 0.0:
         p = 0.0 if base.effect > -margin else 1.0
     else:
