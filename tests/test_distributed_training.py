@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from distributed_helpers import spawn_gloo
-from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, use_hermetic_folders, write_fashion_mnist
+from helpers_foundation import REPO_ROOT, TIMING_KEYS
 from vmoe_lib.distributed import DistributedContext, global_randn, init_from_env, wrap_model
 from vmoe_lib.distributed.data_parallel import data_parallel_noise
 from vmoe_lib.errors import ConfigError
@@ -36,22 +36,9 @@ CONFIG = dict(
 LOSS_RTOL, ACCURACY_ATOL, PARAM_ATOL = 1e-5, 1e-6, 2e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fashion-mnist")
-    write_fashion_mnist(folder, n_train=800, n_test=200)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def hermetic(tmp_path, monkeypatch, data_dir):
-    use_hermetic_folders(monkeypatch, data_dir, tmp_path)  # spawned ranks inherit the environment
+# Shared fixtures (tests/conftest.py): one torch thread, and data/results/cache in test folders.
+SYNTHETIC_IMAGES = (800, 200)  # synthetic Fashion-MNIST: training, test images
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "hermetic_data")
 
 
 def _train_rank(rank: int, world_size: int, config: dict, strategy: str, weights: str) -> dict | None:

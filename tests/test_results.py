@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-from helpers_foundation import single_torch_thread, use_hermetic_folders, write_fashion_mnist
 from vmoe_lib import results as vresults
 from vmoe_lib import train as vtrain
 from vmoe_lib.errors import ConfigError
@@ -23,22 +22,9 @@ TINY = TrainConfig(
 CHAPTER, PRESET = "toy_chapter", "smoke"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fashion-mnist")
-    write_fashion_mnist(folder, n_train=300, n_test=60)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def hermetic(tmp_path, monkeypatch, data_dir):
-    use_hermetic_folders(monkeypatch, data_dir, tmp_path)
+# Shared fixtures (tests/conftest.py): one torch thread, and data/results/cache in test folders.
+SYNTHETIC_IMAGES = (300, 60)  # synthetic Fashion-MNIST: training, test images
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "hermetic_data")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, use_hermetic_folders, write_fashion_mnist
+from helpers_foundation import REPO_ROOT, TIMING_KEYS
 from vmoe_lib import train as vtrain
 from vmoe_lib.chapters import base as chapter_base
 from vmoe_lib.chapters.base import Preset, apply_overrides, parse_overrides, parse_seeds, run_sweep
@@ -31,22 +31,9 @@ RUNS = {"a": TINY, "b": TINY.replace(lr=1e-3)}
 CHAPTER, PRESET = "toy_sweep", "smoke"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fashion-mnist")
-    write_fashion_mnist(folder, n_train=300, n_test=60)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def hermetic(tmp_path, monkeypatch, data_dir):
-    use_hermetic_folders(monkeypatch, data_dir, tmp_path)
+# Shared fixtures (tests/conftest.py): one torch thread, and data/results/cache in test folders.
+SYNTHETIC_IMAGES = (300, 60)  # synthetic Fashion-MNIST: training, test images
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "hermetic_data")
 
 
 def _outcome(result) -> dict:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import vmoe_lib
-from helpers_foundation import REPO_ROOT, TIMING_KEYS, single_torch_thread, use_hermetic_folders, write_fashion_mnist
+from helpers_foundation import REPO_ROOT, TIMING_KEYS, use_hermetic_folders
 from vmoe_lib import train as vtrain
 from vmoe_lib.costs import count_parameters, flops_per_image, model_costs
 from vmoe_lib.data import BatchLoader
@@ -32,23 +32,9 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A synthetic Fashion-MNIST (800 train / 200 test images, learnable labels) in the Debian IDX layout."""
-    folder = tmp_path_factory.mktemp("fashion-mnist")
-    write_fashion_mnist(folder, n_train=800, n_test=200)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def hermetic(tmp_path, monkeypatch, data_dir):
-    use_hermetic_folders(monkeypatch, data_dir, tmp_path)
+# Shared fixtures (tests/conftest.py): one torch thread, and data/results/cache in test folders.
+SYNTHETIC_IMAGES = (800, 200)  # synthetic Fashion-MNIST: training, test images
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "hermetic_data")
 
 
 @pytest.fixture(scope="module")
