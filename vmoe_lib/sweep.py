@@ -216,78 +216,55 @@ def execute_task(task: RunTask, *, progress: bool = False, wait: bool = False, w
     If the lock is held by another process, return ``busy`` (or, with ``wait``, block until it is
     free). Once the lock is held, a valid result already on disk (stored by another sweep meanwhile)
     is kept and the run is not trained again. With ``distributed`` (a
-    :class:`~vmoe_lib.distributed.DistributedContext`), every rank calls this: rank 0 takes the lock,
-    decides and stores the result; the others train their share.
+    :class:`~vmoe_lib.distributed.DistributedContext`), every rank calls this: rank 0 waits for the
+    lock, decides and stores the result, the others train their share; a failure other than
+    divergence is raised, so the rank exits and ``torchrun`` stops the others instead of leaving
+    them waiting in a collective.
     """
-    if distributed is not None and distributed.world_size > 1:
-        return _execute_task_distributed(task, distributed, progress=progress)
     from filelock import FileLock, Timeout
 
     from .results import build_manifest, read_valid_result
     from .train import TrainingDiverged, train_model
 
+    ranks = distributed if distributed is not None and distributed.world_size > 1 else None
+    main = ranks is None or ranks.is_main
     started = time.time()
-    task.lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(task.lock_path), timeout=-1 if wait else 0)
+    lock = None
+    if main:
+        task.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(task.lock_path), timeout=-1 if wait or ranks is not None else 0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return RunOutcome(task.name, task.seed, "busy", worker=worker)
     try:
-        lock.acquire()
-    except Timeout:
-        return RunOutcome(task.name, task.seed, "busy", worker=worker)
-    try:
-        if read_valid_result(task.path, task.key, task.seed, quiet=True) is not None:
+        present = [main and read_valid_result(task.path, task.key, task.seed, quiet=True) is not None]
+        if ranks is not None:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(present, src=0)
+        if present[0]:
             return RunOutcome(task.name, task.seed, "present", worker=worker, seconds=time.time() - started)
         try:
             record = train_model(
                 task.config, task.seed, device=task.device, checkpoint_path=task.checkpoint, progress=progress,
                 extra_eval=task.extra_eval, weights_path=task.weights if task.keep_weights else None, run_label=task.label,
+                distributed=ranks,
             )
-        except TrainingDiverged as err:
+        except TrainingDiverged as err:  # in a data-parallel run every rank sees the same global loss: all stop here
             return RunOutcome(task.name, task.seed, "diverged", error=str(err), log=str(task.log_path), worker=worker,
                               seconds=time.time() - started)
         except Exception as err:  # reported with its traceback in the log; the sweep goes on
+            if ranks is not None:
+                raise
             traceback.print_exc()
             return RunOutcome(task.name, task.seed, "failed", error=f"{type(err).__name__}: {err}", log=str(task.log_path),
                               worker=worker, seconds=time.time() - started)
-        manifest = build_manifest(task, record, session_seconds=time.time() - started)
-        write_atomic(task.path, json.dumps({"manifest": manifest, "record": record}, indent=1) + "\n")
-        task.checkpoint.unlink(missing_ok=True)
-        return RunOutcome(task.name, task.seed, "trained", worker=worker, seconds=time.time() - started)
-    finally:
-        lock.release()
-
-
-def _execute_task_distributed(task: RunTask, context: Any, *, progress: bool) -> RunOutcome:
-    """:func:`execute_task` on every rank of a data-parallel run (rank 0 holds the lock and writes)."""
-    import torch.distributed as dist
-    from filelock import FileLock
-
-    from .results import build_manifest, read_valid_result
-    from .train import TrainingDiverged, train_model
-
-    started = time.time()
-    lock = FileLock(str(task.lock_path), timeout=-1) if context.is_main else None
-    if lock is not None:
-        task.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    try:
-        decision = ["present" if context.is_main and read_valid_result(task.path, task.key, task.seed, quiet=True)
-                    is not None else "train"]
-        dist.broadcast_object_list(decision, src=0)
-        if decision[0] == "present":
-            return RunOutcome(task.name, task.seed, "present", seconds=time.time() - started)
-        try:
-            record = train_model(task.config, task.seed, device=task.device, checkpoint_path=task.checkpoint,
-                                 progress=progress, extra_eval=task.extra_eval,
-                                 weights_path=task.weights if task.keep_weights else None, run_label=task.label,
-                                 distributed=context)
-        except TrainingDiverged as err:  # every rank sees the same global loss, so all stop here together
-            return RunOutcome(task.name, task.seed, "diverged", error=str(err), log=str(task.log_path),
-                              seconds=time.time() - started)
-        if record is not None:
+        if record is not None:  # None on the ranks other than 0
             manifest = build_manifest(task, record, session_seconds=time.time() - started)
             write_atomic(task.path, json.dumps({"manifest": manifest, "record": record}, indent=1) + "\n")
             task.checkpoint.unlink(missing_ok=True)
-        return RunOutcome(task.name, task.seed, "trained", seconds=time.time() - started)
+        return RunOutcome(task.name, task.seed, "trained", worker=worker, seconds=time.time() - started)
     finally:
         if lock is not None:
             lock.release()

@@ -496,14 +496,10 @@ def train_model(
             last_finite = task_value + aux_value
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if ctx is not None:
-                after_backward(model, ctx)
+            after_backward(model, ctx)
             if config.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                if ctx is None:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                else:
-                    clip_grad_norm(net, config.grad_clip, ctx)
+                clip_grad_norm(net, config.grad_clip, ctx)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
