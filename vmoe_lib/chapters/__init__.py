@@ -8,13 +8,14 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import check_choice
-from . import recipes, dense_baselines, routers_bpr
+from . import recipes, dense_baselines, routers_bpr, placement
 
-__all__ = ["CHAPTERS", "get_chapter", "recipes", "dense_baselines", "routers_bpr"]
+__all__ = ["CHAPTERS", "get_chapter", "recipes", "dense_baselines", "routers_bpr", "placement"]
 
 CHAPTERS: dict[str, ModuleType] = {
     dense_baselines.NAME: dense_baselines,
     routers_bpr.NAME: routers_bpr,
+    placement.NAME: placement,
 }
 
 

@@ -43,13 +43,14 @@ import torch
 import torch.nn as nn
 
 from ..analysis import bypass_correct_of, correct_of, mean_sd_text, summary_table
-from ..predictions import pack_bits, unpack_bits
+from ..predictions import unpack_bits
 from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
 from ..data import BatchLoader, ImageDataset
-from ..layers.stats import moe_layers, record_routing
+from ..layers.stats import moe_layers
 from ..models.moe_utils import set_routing
 from ..plots import _color, style
-from ..train import TrainConfig, _autocast
+from ..train import TrainConfig
+from .probes import recorded_eval, test_loader
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
 from .recipes import SMOKE_DATA, TEST_BED, cifar_recipe, fashion_mnist_recipe
 
@@ -205,38 +206,12 @@ class RoutingProbe:
         d = asdict(self)
         return {key: list(v) if isinstance(v, tuple) else v for key, v in d.items()}
 
-    def _loader(self, data: ImageDataset, device: torch.device, batch_size: int = 1000) -> BatchLoader:
-        images, labels = data.split("test")
-        if self.probe_images is not None:
-            images, labels = images[: self.probe_images], labels[: self.probe_images]
-        return BatchLoader(images, labels, batch_size=batch_size, mean=data.mean, std=data.std, device=device)
-
-    @staticmethod
-    def _recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int | None,
-                       bits: bool = False) -> tuple[dict[str, Any], dict]:
-        model.eval()
-        hits = []
-        with torch.no_grad(), record_routing(model, num_classes) as rec:
-            loss_sum, count = 0.0, 0
-            for images, labels in loader:
-                rec.labels = labels
-                with _autocast(images.device, True):
-                    logits = model(images).float()
-                loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-                hits.append((logits.argmax(-1) == labels).cpu())
-                count += labels.numel()
-        right = torch.cat(hits)
-        metrics: dict[str, Any] = {"loss": loss_sum / count, "accuracy": right.sum().item() / count}
-        if bits:
-            metrics["correct"] = pack_bits(right.numpy())["bits"]
-        return metrics, rec.summary()
-
     def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
         layers = moe_layers(model)
         if not layers:
             return {}
-        loader = self._loader(data, device)
-        metrics, stats = self._recorded_eval(model, loader, data.num_classes)
+        loader = test_loader(data, device, self.probe_images)
+        metrics, stats = recorded_eval(model, loader, data.num_classes)
         out: dict[str, Any] = {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
         routers = [layer.router for _, layer in layers if layer.router is not None]
         if routers and all(layer.router_name == "softmax_token_choice" for _, layer in layers):
@@ -246,7 +221,7 @@ class RoutingProbe:
                 out["dropped_patches"] = self._dropped_patches(model, data, device, original["k"])
                 E = int(routers[0].num_experts)
                 set_routing(model, k=original["k"], eval_capacity_factor=float(E), batch_priority=False, capacity_multiple=1)
-                nodrop, nodrop_stats = self._recorded_eval(model, loader, None, bits=True)
+                nodrop, nodrop_stats = recorded_eval(model, loader, None, bits=True)
                 out["no_drop"] = {"capacity_factor": float(E), "k": original["k"], **nodrop,
                                   "dropped_fraction": float(np.mean([s["dropped_fraction"] for s in nodrop_stats.values()]))}
             finally:
@@ -260,7 +235,7 @@ class RoutingProbe:
                 for cf in self.capacity_factors:
                     set_routing(model, k=k, eval_capacity_factor=float(cf), batch_priority=bpr, capacity_multiple=1)
                     bits = any(math.isclose(cf, b) for b in self.bits_capacity_factors)
-                    metrics, stats = self._recorded_eval(model, loader, None, bits=bits)
+                    metrics, stats = recorded_eval(model, loader, None, bits=bits)
                     dropped = float(np.mean([s["dropped_fraction"] for s in stats.values()]))
                     row = {"k": k, "batch_priority": bpr, "capacity_factor": float(cf),
                            "accuracy": metrics["accuracy"], "loss": metrics["loss"], "dropped_fraction": dropped,

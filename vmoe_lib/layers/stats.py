@@ -7,7 +7,8 @@ Two levels, both read from :class:`~vmoe_lib.layers.moe.MoEMlp` layers:
   Free: the router computes these anyway.
 * :class:`RoutingRecorder` (or :func:`record_routing`) accumulates, over many
   batches, per layer: the load of each expert, the fraction of tokens dropped,
-  a histogram of experts per token and, given labels, which experts each
+  a histogram of experts per token, the mean entropy of the tokens' gate
+  distributions (when the router reports it) and, given labels, which experts each
   class's tokens go to (ViMoE's routing analysis, arXiv:2410.15732, Sec. 4).
   Layers only do this work while a recorder is attached: when off, the cost is
   one ``is None`` test per layer and forward.
@@ -60,6 +61,8 @@ class _LayerRecord:
         self.experts_per_token = torch.zeros(E + 1, dtype=torch.float64)
         self.tokens = 0
         self.dropped = 0
+        self.entropy_sum = 0.0  # token-weighted sum of the router's mean gate entropy per forward (nats)
+        self.entropy_tokens = 0
         self.class_expert = None if recorder.num_classes is None else torch.zeros(recorder.num_classes, E, dtype=torch.float64)
 
     @torch.no_grad()
@@ -72,6 +75,10 @@ class _LayerRecord:
             if labels.numel() != G * images_per_group:
                 raise ValueError(f"recorder labels hold {labels.numel()} images; the layer saw {G * images_per_group}")
         self.tokens += G * S
+        entropy = routing.metrics.get("gate_entropy") if routing.metrics else None
+        if entropy is not None:
+            self.entropy_sum += float(entropy) * G * S
+            self.entropy_tokens += G * S
         if routing.is_sparse:
             token = (routing.group_index * S + routing.token_index).cpu()
             expert = routing.expert_index.cpu()
@@ -100,6 +107,9 @@ class _LayerRecord:
             "experts_per_token_hist": (self.experts_per_token / tokens).tolist(),
             "mean_experts_per_token": float((self.experts_per_token * torch.arange(self.num_experts + 1)).sum() / tokens),
         }
+        if self.entropy_tokens:
+            # Mean entropy (nats) of a token's gate distribution over the E experts: log(E) is uniform, 0 one-hot.
+            out["gate_entropy"] = self.entropy_sum / self.entropy_tokens
         if self.class_expert is not None:
             rows = self.class_expert.sum(1, keepdim=True).clamp(min=1e-12)
             out["class_expert"] = (self.class_expert / rows).tolist()  # row c: where class c's tokens go
@@ -136,7 +146,7 @@ class RoutingRecorder:
             layer._recorder = None
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per layer: normalised expert load, dropped fraction, experts-per-token histogram, class x expert."""
+        """Per layer: normalised expert load, dropped fraction, experts-per-token histogram, gate entropy, class x expert."""
         layer_index = {name: layer.layer_index for name, layer in self._layers}
         return {name: {"layer": layer_index[name], **rec.summary()} for name, rec in self.records.items()}
 

@@ -1,0 +1,83 @@
+"""Post-training measurements chapters store in their run records (``record["extra"]``).
+
+A probe is called by the training engine right after training, with ``(model, data, device)``
+(``extra_eval`` of :func:`vmoe_lib.results.load_or_run`). What it returns is stored in the run's
+record, so a chapter renders its routing tables and figures without the weights or the dataset.
+Its :meth:`settings` enter the results key: changing a probe re-makes the runs it measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..data import BatchLoader, ImageDataset
+from ..layers.stats import moe_layers, record_routing
+from ..predictions import pack_bits
+from ..train import _autocast
+
+__all__ = ["test_loader", "recorded_eval", "RoutingStatsProbe"]
+
+
+def test_loader(data: ImageDataset, device: torch.device, images: int | None = None,
+                batch_size: int = 1000) -> BatchLoader:
+    """The test split (its first ``images`` images; ``None``: all), normalised as in training."""
+    x, y = data.split("test")
+    if images is not None:
+        x, y = x[:images], y[:images]
+    return BatchLoader(x, y, batch_size=batch_size, mean=data.mean, std=data.std, device=device)
+
+
+def recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int | None,
+                  bits: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Evaluate ``model`` on ``loader`` while recording every MoE layer's routing.
+
+    Returns ``(metrics, routing)``: ``metrics`` holds the loss and accuracy (and, with ``bits``, which
+    images were right, packed); ``routing`` is :meth:`~vmoe_lib.layers.stats.RoutingRecorder.summary`
+    (per layer: expert load, dropped fraction, experts per token, gate entropy and, with
+    ``num_classes``, the class x expert table).
+    """
+    model.eval()
+    hits = []
+    with torch.no_grad(), record_routing(model, num_classes) as rec:
+        loss_sum, count = 0.0, 0
+        for images, labels in loader:
+            rec.labels = labels
+            with _autocast(images.device, True):
+                logits = model(images).float()
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            hits.append((logits.argmax(-1) == labels).cpu())
+            count += labels.numel()
+    right = torch.cat(hits)
+    metrics: dict[str, Any] = {"loss": loss_sum / count, "accuracy": right.sum().item() / count}
+    if bits:
+        metrics["correct"] = pack_bits(right.numpy())["bits"]
+    return metrics, rec.summary()
+
+
+@dataclass(frozen=True)
+class RoutingStatsProbe:
+    """Per-layer routing statistics of an MoE model over the test images, at its trained routing settings.
+
+    Stores ``{"probe": {"images", "loss", "accuracy"}, "routing": {layer: stats}}`` (see
+    :func:`recorded_eval`); a dense model gets ``{}``.
+
+    Args:
+        probe_images: evaluate on the first ``n`` test images (``None``: all).
+    """
+
+    probe_images: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The probe's settings as JSON values (they enter the results key)."""
+        return {"routing_stats": asdict(self)}
+
+    def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
+        if not moe_layers(model):
+            return {}
+        loader = test_loader(data, device, self.probe_images)
+        metrics, stats = recorded_eval(model, loader, data.num_classes)
+        return {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
