@@ -50,7 +50,8 @@ from .probes import RoutingStatsProbe
 from .recipes import SMOKE_DATA, TEST_BED_MOE, cifar_recipe, fashion_mnist_recipe
 
 __all__ = [
-    "NAME", "PRESETS", "PLACEMENTS", "ARCHITECTURES", "experiment", "run", "run_options", "preset_table",
+    "NAME", "PRESETS", "PLACEMENTS", "ARCHITECTURES", "experiment", "seeds_of", "borrowed", "run", "run_options",
+    "own_runs", "wall_minutes", "preset_table",
     "placement_layers", "placement_table", "routing_table", "control_table", "claims", "test_results", "verdicts",
     "robustness_verdict", "power_frame", "power_note", "findings", "plot_placements", "plot_accuracy",
     "plot_gain_vs_activated", "plot_routing",
@@ -222,14 +223,34 @@ def run(
 
 
 def run_options(preset: str) -> dict[str, Any]:
-    """What a run needs beyond its config: the routing-statistics probe (``extra_eval``) and its settings."""
-    probe = RoutingStatsProbe(probe_images=select_preset(PRESETS, preset).settings["probe_images"])
+    """What a run needs beyond its config: the routing-statistics probe (``extra_eval``) and its settings.
+
+    The probe measures the routing at the trained inference setting (capacity factor 8 = E: nothing dropped)
+    and at the training capacity factor 1.0, where the experts' capacity drops tokens as it did in training."""
+    probe = RoutingStatsProbe(probe_images=select_preset(PRESETS, preset).settings["probe_images"],
+                              capacity_factors=(float(TEST_BED_MOE["capacity_factor"]),))
     return {"extra_eval": probe, "hash_extra": {"probe": probe.settings()}}
 
 
 def _display_order() -> list[str]:
     names = [f"{arch}_{tag}" for arch in ARCHITECTURES for tag in (*PLACEMENTS, "dense")]
     return names + [f"{SMALL}_last2", f"{SMALL}_dense"]
+
+
+def _own(results: ChapterResults) -> list:
+    return [r for r in results.results if r.manifest.get("chapter") == NAME]
+
+
+def own_runs(results: ChapterResults) -> int:
+    """How many of the runs shown this chapter trained (the others are chapter 0's, see :func:`borrowed`)."""
+    return len(_own(results))
+
+
+def wall_minutes(results: ChapterResults) -> float:
+    """Wall minutes of this chapter's own sweep (:func:`~.base.sweep_wall_minutes` over the runs it trained)."""
+    from .base import sweep_wall_minutes
+
+    return sweep_wall_minutes(_own(results))
 
 
 def preset_table() -> pd.DataFrame:
@@ -539,7 +560,7 @@ def power_note(results: ChapterResults, target: float = MARGIN) -> str:
             continue
         arch = "convnext" if "convnext" in claim_id else "vit"
         runs = [x for x in results.results if _arch_of(x.name) == arch]
-        mine = [x for x in runs if x.manifest.get("chapter") == NAME]
+        mine = [x for x in _own(results) if x in runs]
         seeds = {x.seed for x in mine} or {0}
         per_seed = sum(float(x.record.get("wall_time_s", 0.0)) for x in mine) / 60 / len(seeds)
         sd, n = float(r.detail["sd_diff"]), int(r.n)

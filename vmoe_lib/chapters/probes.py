@@ -60,24 +60,53 @@ def recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int | None
 
 @dataclass(frozen=True)
 class RoutingStatsProbe:
-    """Per-layer routing statistics of an MoE model over the test images, at its trained routing settings.
+    """Per-layer routing statistics of an MoE model over the test images.
 
-    Stores ``{"probe": {"images", "loss", "accuracy"}, "routing": {layer: stats}}`` (see
-    :func:`recorded_eval`); a dense model gets ``{}``.
+    Stores ``{"probe": {"images", "loss", "accuracy"}, "routing": {layer: stats}}`` at the model's trained
+    routing settings (see :func:`recorded_eval`) and, for each inference capacity factor of
+    ``capacity_factors``, ``"routing_at_capacity": {"<cf>": {"accuracy", "loss", "routing"}}``: the same
+    test images with the experts' capacity set to that factor. A model evaluated with capacity factor ``E``
+    drops no token, so the tokens its capacity drops *in training* are seen only at the training factor.
+    A dense model gets ``{}``.
 
     Args:
         probe_images: evaluate on the first ``n`` test images (``None``: all).
+        capacity_factors: extra inference capacity factors to measure the routing at (e.g. ``(1.0,)``, the
+            training capacity factor of the book's test bed). Only for routers with a capacity factor.
     """
 
     probe_images: int | None = None
+    capacity_factors: tuple[float, ...] = ()
 
     def settings(self) -> dict[str, Any]:
         """The probe's settings as JSON values (they enter the results key)."""
-        return {"routing_stats": asdict(self)}
+        d = asdict(self)
+        if not d["capacity_factors"]:
+            d.pop("capacity_factors")  # the key of probes made before the field existed
+        else:
+            d["capacity_factors"] = [float(cf) for cf in d["capacity_factors"]]
+        return {"routing_stats": d}
 
     def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
-        if not moe_layers(model):
+        from ..models.moe_utils import set_routing
+
+        layers = moe_layers(model)
+        if not layers:
             return {}
         loader = test_loader(data, device, self.probe_images)
         metrics, stats = recorded_eval(model, loader, data.num_classes)
-        return {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
+        out: dict[str, Any] = {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
+        if self.capacity_factors:
+            routers = [layer.router for _, layer in layers if layer.router is not None]
+            original = [r.eval_capacity_factor for r in routers]
+            at: dict[str, Any] = {}
+            try:
+                for cf in self.capacity_factors:
+                    set_routing(model, eval_capacity_factor=float(cf))
+                    m, st = recorded_eval(model, loader, None)
+                    at[f"{float(cf):g}"] = {**m, "routing": st}
+            finally:
+                for r, cf in zip(routers, original):
+                    r.eval_capacity_factor = cf
+            out["routing_at_capacity"] = at
+        return out
