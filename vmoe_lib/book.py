@@ -71,6 +71,7 @@ class ScoreboardRow:
     n: int | None
     is_control: bool  # a positive control of another claim
     data_url: str = ""  # the repository URL of the verdicts.json that decided it
+    interval: tuple[float, float] | None = None  # the 90% interval: its ends are the one-sided 95% bounds the rule reads
 
     @property
     def key(self) -> str:
@@ -120,6 +121,7 @@ def scoreboard(preset: str = "cpu", *, root: str | Path | None = None) -> list[S
                 claim=r["claim"], source=r.get("source", ""), verdict=r["verdict"], effect=_number(r.get("effect")),
                 bound=_number(r.get("bound")), mde=_number(r.get("mde")), min_effect=float(r["min_effect"]),
                 n=r.get("n"), is_control=r["claim_id"] in controls, data_url=_repository_url_of(path),
+                interval=tuple(float(x) for x in r["interval"]) if r.get("interval") else None,
             ))
     return rows
 
@@ -128,6 +130,13 @@ def _points(value: float | None, signed: bool = True) -> str:
     if value is None:
         return "–"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _interval(r: ScoreboardRow) -> str:
+    """``[lo, hi]`` in points (the row's 90% interval), or the upper bound alone for a record without one."""
+    if r.interval is None:
+        return f"(≤ {_points(r.bound)})"
+    return f"[{_points(r.interval[0])}, {_points(r.interval[1])}]"
 
 
 def _counts(rows: Sequence[ScoreboardRow]) -> Counter:
@@ -153,7 +162,7 @@ def scoreboard_html(rows: Sequence[ScoreboardRow], *, page_prefix: str = "../not
     badges = " ".join(verdict_badge(v, f"{counts.get(v, 0)} {v}") for v in VERDICT_ORDER)
     out = [f'<div class="vmoe-scoreboard vmoe-table-scroll"><p class="vmoe-counts">{len(rows)} claims: {badges}</p>',
            '<table class="vmoe-scoreboard-table"><thead><tr><th>verdict</th><th>claim (paper)</th>'
-           '<th>effect<br>(upper bound)</th><th>MDE</th><th>chapter</th></tr></thead><tbody>']
+           '<th>effect<br>[90% interval]</th><th>MDE</th><th>chapter</th></tr></thead><tbody>']
     for r in rows:
         link = f'<a href="{page_prefix}{r.notebook}.html">{html.escape(r.notebook.split("_", 1)[0])}</a>' if r.notebook else "–"
         control = ' <span class="vmoe-control">positive control</span>' if r.is_control else ""
@@ -161,7 +170,7 @@ def scoreboard_html(rows: Sequence[ScoreboardRow], *, page_prefix: str = "../not
             f'<tr data-claim="{html.escape(r.key)}"><td>{verdict_badge(r.verdict)}</td>'
             f'<td>{html.escape(r.claim)}{control}<br><small>{html.escape(r.source)}</small></td>'
             f'<td class="vmoe-num"><a href="{html.escape(r.data_url)}" title="the verdict record">{_points(r.effect)}</a><br>'
-            f"<small>({_points(r.bound)})</small></td>"
+            f"<small>{_interval(r)}</small></td>"
             f'<td class="vmoe-num">{_points(r.mde, signed=False)}</td><td>{link}</td></tr>'
         )
     out.append("</tbody></table></div>")
@@ -170,14 +179,15 @@ def scoreboard_html(rows: Sequence[ScoreboardRow], *, page_prefix: str = "../not
 
 def scoreboard_markdown(rows: Sequence[ScoreboardRow]) -> str:
     """The README's scoreboard section (a Markdown table; effects and bounds in accuracy points)."""
-    lines = [f"{len(rows)} claims: {_counts_text(rows)}. Effect in points (positive = the paper's direction), its "
-             "one-sided 95% upper bound, and the design's minimal detectable effect (MDE, 80% power); the book's "
+    lines = [f"{len(rows)} claims: {_counts_text(rows)}. Effect in points (positive = the paper's direction; for an "
+             "equivalence or non-inferiority claim, A minus B), its 90% interval (whose ends are the one-sided 95% "
+             "bounds the rule reads), and the design's minimal detectable effect (MDE, 80% power); the book's "
              "introduction states the rule.", "",
-             "| chapter | claim | paper | effect (upper bound) | MDE | verdict |", "|---|---|---|---|---|---|"]
+             "| chapter | claim | paper | effect [90% interval] | MDE | verdict |", "|---|---|---|---|---|---|"]
     for r in rows:
         control = " (positive control)" if r.is_control else ""
         lines.append(f"| {r.notebook or r.chapter} | {r.claim}{control} | {r.source} | {_points(r.effect)} "
-                     f"({_points(r.bound)}) | {_points(r.mde, signed=False)} | **{r.verdict}** |")
+                     f"{_interval(r)} | {_points(r.mde, signed=False)} | **{r.verdict}** |")
     return "\n".join(lines)
 
 

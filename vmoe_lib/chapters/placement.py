@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
@@ -168,6 +169,7 @@ def borrowed(preset: str) -> dict[str, str]:
     """
     from . import dense_baselines
 
+    select_preset(PRESETS, preset)
     if preset not in dense_baselines.PRESETS:
         return {}
     theirs = dense_baselines.experiment(preset)
@@ -361,9 +363,15 @@ def placement_table(results: ChapterResults) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def _dropped_at_training(runs: Sequence, layer_name: str) -> float | None:
+    values = [_at_training_capacity(r).get(layer_name, {}).get("dropped_fraction") for r in runs]
+    return round(100 * float(np.mean(values)), 1) if values and None not in values else None
+
+
 def routing_table(results: ChapterResults) -> pd.DataFrame:
-    """Per MoE run and layer (mean over seeds, test set): expert load CV and busiest share, tokens dropped, gate
-    entropy (nats; log 8 = 2.08 is uniform over the 8 experts)."""
+    """Per MoE run and layer (mean over seeds, test set): expert load CV and busiest share, tokens dropped at the
+    trained inference setting and at the training capacity factor, gate entropy (nats; log 8 = 2.08 is uniform
+    over the 8 experts)."""
     rows = []
     for name, runs in results.by_name().items():
         first = _routing_of(runs[0])
@@ -374,7 +382,8 @@ def routing_table(results: ChapterResults) -> pd.DataFrame:
             rows.append({"run": name, "block": per_seed[0]["layer"],
                          "load CV": round(float(np.mean([_cv(s["expert_load"]) for s in per_seed])), 3),
                          "busiest expert (%)": round(100 * float(load.max()), 1),
-                         "dropped (%)": round(100 * float(np.mean([s["dropped_fraction"] for s in per_seed])), 2),
+                         "dropped at inference (%)": round(100 * float(np.mean([s["dropped_fraction"] for s in per_seed])), 2),
+                         f"dropped at cf {float(TEST_BED_MOE['capacity_factor']):g} (%)": _dropped_at_training(runs, layer_name),
                          "gate entropy (nats)": round(float(np.mean(entropy)), 3) if entropy else None})
     return pd.DataFrame(rows).set_index(["run", "block"]) if rows else pd.DataFrame()
 
@@ -624,11 +633,15 @@ def plot_gain_vs_activated(results: ChapterResults):
             gain = (np.array(a) - np.array(b)) * 100
             tag = name.rsplit("_", 1)[-1]
             color = _color(list(PLACEMENTS).index(tag))
-            x = table.loc[name, "params_activated"] / 1e3
+            # Placements of one model activate (almost) the same parameters: spread them a little sideways.
+            x = table.loc[name, "params_activated"] / 1e3 * 1.04 ** (list(PLACEMENTS).index(tag) - 2)
             ax.errorbar(x, gain.mean(), yerr=gain.std(ddof=1) if gain.size > 1 else None, fmt=markers[arch],
                         color=color, capsize=3, ms=7, mfc=color if arch != SMALL else "white")
     ax.axhline(0, color="0.4", lw=1, ls="--")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
     ax.set_xlabel("activated parameters per token (thousands, log scale)")
     ax.set_ylabel("gain over dense (points)")
     ax.set_title("MoE gain over the dense model of equal activated FLOPs (paired by seed)")
@@ -643,11 +656,21 @@ def plot_gain_vs_activated(results: ChapterResults):
     return fig
 
 
+def _at_training_capacity(r) -> dict[str, dict[str, Any]]:
+    """The routing statistics the probe measured at the training capacity factor (``{}`` if not measured)."""
+    at = (r.record.get("extra") or {}).get("routing_at_capacity", {})
+    return at.get(f"{float(TEST_BED_MOE['capacity_factor']):g}", {}).get("routing", {})
+
+
 def plot_routing(results: ChapterResults):
-    """Per architecture, placement and MoE block (mean over seeds, test set): tokens dropped and gate entropy."""
+    """Per architecture, placement and MoE block (mean over seeds, test set): tokens dropped at the training
+    capacity factor, the experts' load imbalance (CV) and the gate entropy."""
     style()
     groups = results.by_name()
-    fig, axes = plt.subplots(2, len(ARCHITECTURES), figsize=(7.2, 6.4), squeeze=False)
+    cf = float(TEST_BED_MOE["capacity_factor"])
+    panels = [("dropped", f"tokens dropped at capacity factor {cf:g} (%)"),
+              ("cv", "expert load CV (0 = balanced)"), ("entropy", "gate entropy (nats)")]
+    fig, axes = plt.subplots(len(panels), len(ARCHITECTURES), figsize=(7.2, 9.6), squeeze=False)
     for col, arch in enumerate(ARCHITECTURES):
         for i, tag in enumerate(PLACEMENTS):
             runs = groups.get(f"{arch}_{tag}", [])
@@ -655,22 +678,26 @@ def plot_routing(results: ChapterResults):
                 continue
             names = list(_routing_of(runs[0]))
             blocks = [_routing_of(runs[0])[n]["layer"] for n in names]
-            dropped = [np.mean([_routing_of(r)[n]["dropped_fraction"] for r in runs]) * 100 for n in names]
-            entropy = [np.mean([_routing_of(r)[n].get("gate_entropy", np.nan) for r in runs]) for n in names]
-            axes[0, col].plot(blocks, dropped, marker="o", color=_color(i), label=LABELS[tag])
-            axes[1, col].plot(blocks, entropy, marker="o", color=_color(i), label=LABELS[tag])
+            values = {
+                "dropped": [np.mean([_at_training_capacity(r).get(n, {}).get("dropped_fraction", np.nan) for r in runs]) * 100
+                            for n in names],
+                "cv": [np.mean([_cv(_routing_of(r)[n]["expert_load"]) for r in runs]) for n in names],
+                "entropy": [np.mean([_routing_of(r)[n].get("gate_entropy", np.nan) for r in runs]) for n in names],
+            }
+            for row, (key, _) in enumerate(panels):
+                axes[row, col].plot(blocks, values[key], marker="o", ms=5, color=_color(i), label=LABELS[tag])
         E = TEST_BED_MOE["num_experts"]
-        axes[1, col].axhline(np.log(E), color="0.5", ls="--", lw=1)
-        axes[0, col].set_title(f"{ARCH_LABELS[arch]}: tokens dropped", fontsize=10)
-        axes[1, col].set_title(f"{ARCH_LABELS[arch]}: gate entropy", fontsize=10)
-        axes[0, col].set_ylabel("dropped (%)")
-        axes[1, col].set_ylabel(f"nats (dashed: log {E}, uniform)")
-        axes[1, col].set_xlabel("block")
-        for row in range(2):
+        axes[2, col].axhline(np.log(E), color="0.5", ls="--", lw=1)
+        for row, (_, title) in enumerate(panels):
+            axes[row, col].set_title(f"{ARCH_LABELS[arch]}: {title}", fontsize=9)
             axes[row, col].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    handles, labels = axes[1, 0].get_legend_handles_labels()
+        axes[-1, col].set_xlabel("block")
+    axes[0, 0].set_ylabel("dropped (%)")
+    axes[1, 0].set_ylabel("CV of expert loads")
+    axes[2, 0].set_ylabel(f"nats (dashed: log {TEST_BED_MOE['num_experts']})")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=5, fontsize=9, bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.965))
     return fig
 
 

@@ -19,10 +19,10 @@ from ..layers.stats import moe_layers, record_routing
 from ..predictions import pack_bits
 from ..train import _autocast
 
-__all__ = ["test_loader", "recorded_eval", "RoutingStatsProbe"]
+__all__ = ["eval_loader", "recorded_eval", "RoutingStatsProbe"]
 
 
-def test_loader(data: ImageDataset, device: torch.device, images: int | None = None,
+def eval_loader(data: ImageDataset, device: torch.device, images: int | None = None,
                 batch_size: int = 1000) -> BatchLoader:
     """The test split (its first ``images`` images; ``None``: all), normalised as in training."""
     x, y = data.split("test")
@@ -93,7 +93,7 @@ class RoutingStatsProbe:
         layers = moe_layers(model)
         if not layers:
             return {}
-        loader = test_loader(data, device, self.probe_images)
+        loader = eval_loader(data, device, self.probe_images)
         metrics, stats = recorded_eval(model, loader, data.num_classes)
         out: dict[str, Any] = {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
         if self.capacity_factors:

@@ -50,7 +50,7 @@ from ..layers.stats import moe_layers
 from ..models.moe_utils import set_routing
 from ..plots import _color, style
 from ..train import TrainConfig
-from .probes import recorded_eval, test_loader
+from .probes import recorded_eval, eval_loader
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
 from .recipes import SMOKE_DATA, TEST_BED, cifar_recipe, fashion_mnist_recipe
 
@@ -210,7 +210,7 @@ class RoutingProbe:
         layers = moe_layers(model)
         if not layers:
             return {}
-        loader = test_loader(data, device, self.probe_images)
+        loader = eval_loader(data, device, self.probe_images)
         metrics, stats = recorded_eval(model, loader, data.num_classes)
         out: dict[str, Any] = {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
         routers = [layer.router for _, layer in layers if layer.router is not None]
