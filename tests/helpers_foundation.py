@@ -146,3 +146,18 @@ def use_hermetic_folders(mp: Any, data_dir: Any, tmp_path: Any) -> None:
     mp.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
     mp.delenv("VMOE_REQUIRE_RESULTS", raising=False)
     mp.setattr(vtrain, "_DATA_CACHE", {})
+
+
+def results_of_record(chapter: Any) -> Any:
+    """A chapter's committed ``cpu`` results (``chapter.run("cpu")`` with ``VMOE_REQUIRE_RESULTS=1``: never trains)."""
+    import os
+
+    old = os.environ.get("VMOE_REQUIRE_RESULTS")
+    os.environ["VMOE_REQUIRE_RESULTS"] = "1"
+    try:
+        return chapter.run("cpu", progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("VMOE_REQUIRE_RESULTS")
+        else:
+            os.environ["VMOE_REQUIRE_RESULTS"] = old

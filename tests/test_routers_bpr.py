@@ -154,17 +154,9 @@ def test_probe_settings_enter_the_results_key():
 
 @pytest.fixture(scope="module")
 def cpu_results():
-    import os
+    from helpers_foundation import results_of_record
 
-    old = os.environ.get("VMOE_REQUIRE_RESULTS")
-    os.environ["VMOE_REQUIRE_RESULTS"] = "1"
-    try:
-        return chapter.run("cpu", progress=False)
-    finally:
-        if old is None:
-            os.environ.pop("VMOE_REQUIRE_RESULTS")
-        else:
-            os.environ["VMOE_REQUIRE_RESULTS"] = old
+    return results_of_record(chapter)
 
 
 def test_tables_figures_and_verdicts_from_the_results_of_record(cpu_results, tmp_path, monkeypatch):
