@@ -576,10 +576,11 @@ def power_note(results: ChapterResults, target: float = MARGIN) -> str:
         sd, n = float(r.detail["sd_diff"]), int(r.n)
         need = seeds_for_mde(sd, target, paired=True)
         verdict = "meets" if mde(sd, n, paired=True) <= target else "misses"
+        verdict = f"{verdict} the {target:g}-point goal"
         cost = (f"{need} seeds, about {need * per_seed / 2:.0f} min on 2 workers at {per_seed:.0f} CPU-min per seed of "
                 f"its architecture's runs" if need is not None else "more than 200 seeds")
         lines.append(f"* `{claim_id}`: MDE {mde(sd, n, paired=True):.2f} points with {n} seeds (sd of the paired "
-                     f"differences {sd:.2f}); the {target:g}-point goal {verdict}: it needs {cost}.")
+                     f"differences {sd:.2f}); it {verdict}, which needs {cost}.")
     return "\n".join(lines)
 
 
@@ -725,6 +726,30 @@ def findings(results: ChapterResults, records: Sequence[VerdictRecord] | None = 
     if f"{SMALL}_last2" in groups and f"{SMALL}_dense" in groups:
         a, b = results.paired(f"{SMALL}_last2", f"{SMALL}_dense")
         lines.append(f"**Smaller ViT** (chapter 0's depth 4): Last-2 {mean_sd_text(a)} vs dense {mean_sd_text(b)}.")
+    controls = control_table(results)
+    if not controls.empty:
+        cost = controls["cost of bypassing (points)"]
+        carry = ", ".join(f"{n} {v:.2f}" for n, v in cost.items())
+        lines.append(f"**Weight the experts carry** (test accuracy lost when every MoE layer is bypassed, points): {carry}. "
+                     f"Placements with more MoE blocks carry more; the control asks for at least {CONTROL_MIN_EFFECT:g}.")
+        weak = [n for n in (f"{a}_last2" for a in ARCHITECTURES) if n in cost.index and cost[n] < CONTROL_MIN_EFFECT]
+        if weak:
+            lines.append(f"Bypassing the Last-2 models' MoE layers costs less than {CONTROL_MIN_EFFECT:g} point in "
+                         f"{', '.join(weak)}: the claims that compare Last-2 with other placements depend on that "
+                         f"control, so the verdicts decide them only where it holds (see the verdict table).")
+    last = {}
+    for arch in ARCHITECTURES:
+        for tag in PLACEMENTS:
+            for r in groups.get(f"{arch}_{tag}", []):
+                for layer in _routing_of(r).values():
+                    last.setdefault((arch, layer["layer"]), []).append(layer.get("gate_entropy", np.nan))
+    if ("convnext", 9) in last:
+        final = np.nanmean(last[("convnext", 9)])
+        others = np.nanmean([np.nanmean(v) for (a, b), v in last.items() if a == "convnext" and b < 8])
+        E = TEST_BED_MOE["num_experts"]
+        lines.append(f"**ConvNeXt's last block** (one position per image): its router's gate entropy is {final:.2f} nats "
+                     f"(log {E} = {np.log(E):.2f}: uniform), against {others:.2f} in stages 0-2: there the router tells "
+                     f"the experts almost nothing apart.")
     if records is not None:
         verdict, why = robustness_verdict(records)
         lines.append(f"**Claim (a), Last-2 the most robust placement:** {verdict} ({why}).")
