@@ -19,7 +19,7 @@ from ..layers.stats import moe_layers, record_routing
 from ..predictions import pack_bits
 from ..train import _autocast
 
-__all__ = ["eval_loader", "recorded_eval", "RoutingStatsProbe"]
+__all__ = ["eval_loader", "recorded_eval", "routing_record", "RoutingStatsProbe"]
 
 
 def eval_loader(data: ImageDataset, device: torch.device, images: int | None = None,
@@ -58,6 +58,17 @@ def recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int | None
     return metrics, rec.summary()
 
 
+def routing_record(model: nn.Module, data: ImageDataset, device: torch.device,
+                   images: int | None = None) -> tuple[BatchLoader, dict[str, Any]] | None:
+    """What every routing probe stores first: ``(loader, {"probe": {"images", "loss", "accuracy"}, "routing": ...})``
+    over the first ``images`` test images at the model's trained settings; ``None`` for a model without MoE layers."""
+    if not moe_layers(model):
+        return None
+    loader = eval_loader(data, device, images)
+    metrics, stats = recorded_eval(model, loader, data.num_classes)
+    return loader, {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
+
+
 @dataclass(frozen=True)
 class RoutingStatsProbe:
     """Per-layer routing statistics of an MoE model over the test images.
@@ -90,14 +101,12 @@ class RoutingStatsProbe:
     def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
         from ..models.moe_utils import set_routing
 
-        layers = moe_layers(model)
-        if not layers:
+        first = routing_record(model, data, device, self.probe_images)
+        if first is None:
             return {}
-        loader = eval_loader(data, device, self.probe_images)
-        metrics, stats = recorded_eval(model, loader, data.num_classes)
-        out: dict[str, Any] = {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
+        loader, out = first
         if self.capacity_factors:
-            routers = [layer.router for _, layer in layers if layer.router is not None]
+            routers = [layer.router for _, layer in moe_layers(model) if layer.router is not None]
             original = [r.eval_capacity_factor for r in routers]
             at: dict[str, Any] = {}
             try:

@@ -50,7 +50,7 @@ from ..layers.stats import moe_layers
 from ..models.moe_utils import set_routing
 from ..plots import _color, style
 from ..train import TrainConfig
-from .probes import recorded_eval, eval_loader
+from .probes import recorded_eval, routing_record
 from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
 from .recipes import SMOKE_DATA, TEST_BED, cifar_recipe, fashion_mnist_recipe
 
@@ -207,12 +207,11 @@ class RoutingProbe:
         return {key: list(v) if isinstance(v, tuple) else v for key, v in d.items()}
 
     def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
-        layers = moe_layers(model)
-        if not layers:
+        first = routing_record(model, data, device, self.probe_images)
+        if first is None:
             return {}
-        loader = eval_loader(data, device, self.probe_images)
-        metrics, stats = recorded_eval(model, loader, data.num_classes)
-        out: dict[str, Any] = {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
+        loader, out = first
+        layers = moe_layers(model)
         routers = [layer.router for _, layer in layers if layer.router is not None]
         if routers and all(layer.router_name == "softmax_token_choice" for _, layer in layers):
             original = {key: getattr(routers[0], key) for key in ("k", "eval_capacity_factor", "batch_priority", "capacity_multiple")}
