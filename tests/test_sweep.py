@@ -372,3 +372,16 @@ def test_verify_lists_the_final_metrics_first():
     n, diffs = compare_records(recorded, rerun, {"final.test_accuracy": 0.05})
     assert n == 4 and [d.field for d in diffs] == ["final.test_accuracy", "history[0].val_accuracy", "costs.flops", "extra.a"]
     assert diffs[0].in_seed_sd == pytest.approx(2.0)
+
+
+def test_verify_does_not_count_fields_newer_than_the_record():
+    """A measurement added to the code after a record was made is listed, not reported as a difference; a field
+    the rerun no longer produces is a difference."""
+    from vmoe_lib.verify import compare_records, new_fields
+
+    recorded = {"final": {"test_accuracy": 0.8}, "extra": {"routing": {"l0": {"load": 0.5}}}}
+    rerun = {"final": {"test_accuracy": 0.8}, "extra": {"routing": {"l0": {"load": 0.5, "gate_entropy": 1.9}}}}
+    assert compare_records(recorded, rerun) == (2, [])
+    assert new_fields(recorded, rerun) == ["extra.routing.l0.gate_entropy"]
+    n, diffs = compare_records(rerun, recorded)
+    assert n == 3 and [d.field for d in diffs] == ["extra.routing.l0.gate_entropy"]

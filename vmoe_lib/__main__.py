@@ -139,6 +139,9 @@ def _verify(args: argparse.Namespace) -> int:
     checks = verify_chapter(args.chapter, args.preset, sample=args.sample, seed=args.seed)
     for check in checks:
         where = f"{check.path.name} ({check.settings['threads']} thread(s), numerics {'pinned' if check.settings['pinned'] else 'not pinned'})"
+        if check.added:
+            shown = ", ".join(check.added[:4]) + (f" and {len(check.added) - 4} more" if len(check.added) > 4 else "")
+            print(f"{where}: {len(check.added)} field(s) the record predates, not compared: {shown}")
         if check.identical:
             print(f"{where}: identical ({check.compared} recorded numbers)")
         else:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import ConfigError, check_positive
 
-__all__ = ["Difference", "RunCheck", "compare_records", "verify_chapter"]
+__all__ = ["Difference", "RunCheck", "compare_records", "new_fields", "verify_chapter"]
 
 # Keys that measure time or where the run happened, not what it computed.
 _NOT_OUTCOMES = ("seconds", "wall_time", "per_second", "images_per_s", "finished_at", "device")
@@ -55,6 +55,7 @@ class RunCheck:
     compared: int
     differences: list[Difference] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)  # fields the rerun has and the record predates (not compared)
 
 
 def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -80,11 +81,15 @@ def _reading_order(key: str) -> tuple[int, str]:
 
 
 def compare_records(recorded: dict[str, Any], rerun: dict[str, Any], seed_sds: dict[str, float] | None = None) -> tuple[int, list[Difference]]:
-    """``(fields compared, differences)`` between two records, timings ignored; bit-exact comparison."""
+    """``(fields compared, differences)`` between two records, timings ignored; bit-exact comparison.
+
+    Every field of the record is compared (one the rerun lacks is a difference). A field only the rerun has is a
+    measurement added to the code after the record was made: it is not compared (:func:`new_fields` lists them).
+    """
     seed_sds = seed_sds or {}
     a, b = dict(_leaves(recorded)), dict(_leaves(rerun))
     out = []
-    for key in sorted(set(a) | set(b), key=_reading_order):
+    for key in sorted(a, key=_reading_order):
         x, y = a.get(key), b.get(key)
         if x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)):
             continue
@@ -92,7 +97,13 @@ def compare_records(recorded: dict[str, Any], rerun: dict[str, Any], seed_sds: d
             out.append(Difference(key, float(x), float(y), seed_sds.get(key)))
         else:
             out.append(Difference(key, float("nan"), float("nan"), None))
-    return len(set(a) | set(b)), out
+    return len(a), out
+
+
+def new_fields(recorded: dict[str, Any], rerun: dict[str, Any]) -> list[str]:
+    """Fields of ``rerun`` that ``recorded`` lacks: measurements the code added after the record was made."""
+    a = {key for key, _ in _leaves(recorded)}
+    return sorted((key for key, _ in _leaves(rerun) if key not in a), key=_reading_order)
 
 
 def _seed_sds(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -159,5 +170,6 @@ def verify_chapter(chapter: str, preset: str = "cpu", *, sample: int = 1, seed: 
             rerun = json.loads(task.path.read_text())["record"]
             peers = [payloads[p]["record"] for p in files if payloads[p]["manifest"]["run"] == manifest["run"]]
             n, diffs = compare_records(record, rerun, _seed_sds(peers))
-            checks.append(RunCheck(path, not diffs, n, diffs, {"threads": threads, "pinned": pinned}))
+            checks.append(RunCheck(path, not diffs, n, diffs, {"threads": threads, "pinned": pinned},
+                                   new_fields(record, rerun)))
     return checks
