@@ -151,6 +151,27 @@ def test_storage_checks_name_the_folder_and_the_variable(tmp_path, monkeypatch):
         check_storage(tmp_path / "ok", tmp_path / "cache", [TINY], 2)
 
 
+@pytest.mark.parametrize("executor, workers, expected", [("local", 1, 1), ("local", 2, 2), ("inline", 1, 1),
+                                                        ("torchrun", 2, 1), ("slurm", 1, 5)])
+def test_the_storage_check_counts_the_checkpoints_written_at_once(tmp_path, monkeypatch, executor, workers, expected):
+    """Five missing runs: one checkpoint per local worker at a time (not five), all five under SLURM."""
+    import vmoe_lib.sweep as vsweep
+
+    monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+
+    def stop(folder, cache, configs, concurrent):
+        seen.append(concurrent)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(vsweep, "check_storage", stop)
+    with pytest.raises(ConfigError, match="stop here"):
+        load_or_run("toy_storage", "smoke", {"a": TINY}, [0, 1, 2, 3, 4], progress=False, executor=executor,
+                    workers=workers)
+    assert seen == [expected]
+
+
 def test_an_unwritable_results_folder_fails_before_training(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

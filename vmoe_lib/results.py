@@ -343,7 +343,15 @@ def load_or_run(
             f"Regenerate them with:  {regenerate_command(chapter, preset)}"
         )
     if todo:
-        n_concurrent = 1 if executor == "inline" else len(todo)
+        # Checkpoints written at once: one per local worker (one per torchrun run), every run under SLURM.
+        if executor in ("inline", "torchrun"):
+            n_concurrent = 1
+        elif executor == "local":
+            from .sweep import resolve_workers
+
+            n_concurrent = min(len(todo), resolve_workers(workers, device)[0])
+        else:
+            n_concurrent = len(todo)
         check_storage(folder, cache_root(), [t[2] for t in todo], n_concurrent)
         git_sha = _git_sha()  # the code that trains, read before any run starts
         tasks = [
