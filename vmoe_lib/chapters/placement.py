@@ -549,8 +549,9 @@ def power_frame(results: ChapterResults, target: float = MARGIN) -> pd.DataFrame
     """The chapter's power table: for each seed-paired contrast of its claims, the sd of the per-seed differences
     measured here and the MDE (points, one-sided alpha 0.05, 80 % power) at several seed counts."""
     sds: dict[str, tuple[float, bool]] = {}
+    tests = test_results(results)
     for claim in claims(_preset_of(results)):
-        r = test_results(results).get(claim.id) if claim.test != "mcnemar" else None
+        r = tests.get(claim.id) if claim.test != "mcnemar" else None
         if r is not None and "sd_diff" in r.detail and claim.contrast not in sds:
             sds[claim.contrast] = (float(r.detail["sd_diff"]), True)
     return power_table(sds, target=target) if sds else pd.DataFrame()
