@@ -19,7 +19,7 @@ run the 1-process run:
   ranks, which is the gradient of the global mean (equal shares). Auxiliary losses are means over
   routing groups (:mod:`vmoe_lib.routers.losses`), so their mean over ranks is the 1-process value.
 * **Router noise.** The logit noise of the routers is drawn for the *global* batch on every rank and
-  sliced (:func:`global_randn_like`), so each token gets the noise it gets in the 1-process run and the
+  sliced (:func:`vmoe_lib.noise.global_randn_like`), so each token gets the noise it gets in the 1-process run and the
   ranks' generators stay in step.
 * **Schedule, clipping, optimizer**: unchanged; they see the averaged gradients. Under ``"ep"`` the
   norm for clipping adds every rank's expert gradients (:func:`clip_grad_norm`), and checkpoints hold
@@ -36,8 +36,7 @@ a model with active dropout trains correctly but draws different masks from the 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,6 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import ConfigError, check_choice
+from ..noise import active_context, data_parallel_noise, global_randn, global_randn_like  # re-exported: their home is low in the package
 
 __all__ = [
     "STRATEGIES",
@@ -65,8 +65,6 @@ __all__ = [
 ]
 
 STRATEGIES = ("ddp", "fsdp2", "ep")
-
-_ACTIVE: DistributedContext | None = None  # set while a data-parallel run trains (router noise)
 
 
 @dataclass(frozen=True)
@@ -158,43 +156,6 @@ def init_from_env(device: torch.device, strategy: str = "ddp") -> DistributedCon
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     return DistributedContext.from_process_group(strategy)
-
-
-@contextmanager
-def data_parallel_noise(context: DistributedContext | None) -> Iterator[None]:
-    """While active, :func:`global_randn_like` draws noise for the global batch and keeps this rank's share."""
-    global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, context
-    try:
-        yield
-    finally:
-        _ACTIVE = previous
-
-
-def active_context() -> DistributedContext | None:
-    """The data-parallel context of the run training in this process, if any."""
-    return _ACTIVE
-
-
-def global_randn(shape: Sequence[int], *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-    """``torch.randn(shape)``; in a data-parallel run, this rank's share of the global batch's draw.
-
-    ``shape[0]`` is this rank's share (routing groups). Every rank draws the noise of all ranks'
-    groups, in rank order, and keeps its own: the values each token gets, and the state of the
-    generator afterwards, are those of the 1-process run. Outside a data-parallel run this is
-    exactly ``torch.randn(shape)``.
-    """
-    context = _ACTIVE
-    if context is None or context.world_size == 1:
-        return torch.randn(tuple(shape), dtype=dtype, device=device)
-    full = torch.randn((shape[0] * context.world_size, *shape[1:]), dtype=dtype, device=device)
-    return context.shard(full)
-
-
-def global_randn_like(local: torch.Tensor) -> torch.Tensor:
-    """:func:`global_randn` with ``local``'s shape, dtype and device."""
-    return global_randn(local.shape, dtype=local.dtype, device=local.device)
 
 
 def wrap_model(model: nn.Module, context: DistributedContext, device: torch.device) -> nn.Module:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, check_choice, check_positive
+from ..noise import global_randn_like
 from .base import LazyMetrics
 from .capacity import CAPACITY_ROUNDINGS, compute_capacity
 from .gates import create_gate
@@ -93,8 +94,6 @@ class GatedRouter(nn.Module):
         """``logits + N(0, sigma^2)`` when :attr:`is_noisy`, else ``logits`` unchanged."""
         if not self.is_noisy:
             return logits
-        from ..distributed.data_parallel import global_randn_like  # noqa: PLC0415 (no import cycle)
-
         return logits + self.noise_sigma * global_randn_like(logits)
 
     # -- losses ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, check_positive
+from ..noise import global_randn
 from .base import LazyMetrics, Routing
 from .ops import check_int_setting, check_rank3, float32_math, l2_normalize, softmax_experts
 from .stats import gate_entropy
@@ -107,8 +108,6 @@ class SoftRouter(nn.Module):
             num_groups, group_size, _ = x.shape
             noise = None
             if self.training and self.noise_std > 0:
-                from ..distributed.data_parallel import global_randn  # noqa: PLC0415 (no import cycle)
-
                 noise = self.noise_std * global_randn(
                     (num_groups, group_size, self.num_experts, self.slots_per_expert), device=x.device
                 )
