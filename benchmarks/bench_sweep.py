@@ -37,26 +37,24 @@ def _slice(chapter_name: str, preset: str, n: int):
     from vmoe_lib.chapters import get_chapter
 
     chapter = get_chapter(chapter_name)
-    configs = chapter.experiment(preset)
-    seeds = chapter.PRESETS[preset].seeds
-    pairs = [(name, seed) for name in configs for seed in seeds][:n]
-    runs = {name: configs[name] for name, _ in pairs}
+    specs = {spec.name: spec for spec in chapter.plan(preset).specs if spec.chapter == chapter.name}
+    pairs = [(name, seed) for name, spec in specs.items() for seed in spec.seeds][:n]
+    runs = {name: specs[name] for name, _ in pairs}
     return chapter, runs, pairs
 
 
 def _train(chapter, runs, pairs, preset: str, workers: int, scratch: Path) -> dict:
     """Train exactly the slice's pairs with ``workers`` local workers into ``scratch``; time it."""
-    from vmoe_lib.results import config_hash, regenerate_command
+    from vmoe_lib.results import regenerate_command
     from vmoe_lib.sweep import RunTask, run_tasks
 
-    options = chapter.run_options(preset)
     tasks = []
     for name, seed in pairs:
-        key = config_hash(runs[name], options.get("hash_extra"))
-        path = scratch / "results" / preset / chapter.NAME / f"{name}__{key}__s{seed}.json"
-        tasks.append(RunTask(chapter.NAME, preset, name, seed, runs[name], key, path, scratch / "cache",
-                             hash_extra=options.get("hash_extra"), extra_eval=options.get("extra_eval"),
-                             regenerate=regenerate_command(chapter.NAME, preset)))
+        spec = runs[name]
+        path = scratch / "results" / preset / chapter.name / f"{spec.file_stem}__s{seed}.json"
+        tasks.append(RunTask(chapter.name, preset, name, seed, spec.config, spec.key, path, scratch / "cache",
+                             hash_extra=spec.hash_extra, extra_eval=spec.extra_eval,
+                             regenerate=regenerate_command(chapter.name, preset)))
     started = time.perf_counter()
     outcomes = run_tasks(tasks, executor="local", workers=workers, progress=True)
     wall = time.perf_counter() - started

@@ -161,3 +161,19 @@ def results_of_record(chapter: Any) -> Any:
             os.environ.pop("VMOE_REQUIRE_RESULTS")
         else:
             os.environ["VMOE_REQUIRE_RESULTS"] = old
+
+
+def toy_chapter(name: str, configs: dict, presets: dict, claims: Any = None) -> Any:
+    """A :class:`~vmoe_lib.chapters.base.Chapter` named ``name`` whose every preset trains ``configs`` (name -> config)
+    with the preset's seeds, declaring ``claims`` (a function of the preset name; none by default)."""
+    from vmoe_lib.chapters.base import Chapter, Run
+
+    class Toy(Chapter):
+        def runs(self, preset):
+            return [Run(run, config) for run, config in configs.items()]
+
+        def claims(self, preset):
+            return list(claims(preset)) if claims else []
+
+    Toy.name, Toy.title, Toy.presets = name, "a toy chapter", dict(presets)
+    return Toy()

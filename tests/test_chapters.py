@@ -20,8 +20,8 @@ def test_unknown_chapter_and_preset_are_clear_errors():
 @pytest.mark.parametrize("name", CHAPTER_NAMES)
 def test_presets_are_complete(name):
     chapter = get_chapter(name)
-    assert {"smoke", "cpu", "gpu"} <= set(chapter.PRESETS)
-    for preset in chapter.PRESETS.values():
+    assert {"smoke", "cpu", "gpu"} <= set(chapter.presets)
+    for preset in chapter.presets.values():
         assert preset.hardware and preset.expected_minutes > 0 and preset.seeds
         configs = chapter.experiment(preset.name)
         assert configs, f"{name}/{preset.name} has an empty sweep"
@@ -29,7 +29,7 @@ def test_presets_are_complete(name):
     # The smoke preset exercises the same models as the preset of record, on less data.
     assert {c.model for c in smoke.values()} == {c.model for c in cpu.values()}
     assert all(c.train_subset for c in smoke.values())
-    assert len(chapter.PRESETS["cpu"].seeds) >= 3, "results of record need >= 3 seeds to show a spread"
+    assert len(chapter.presets["cpu"].seeds) >= 3, "results of record need >= 3 seeds to show a spread"
 
 
 @pytest.mark.parametrize("name", CHAPTER_NAMES)
@@ -40,7 +40,7 @@ def test_results_of_record_are_committed_and_fresh(name, monkeypatch):
     changed since its results were recorded.
     """
     chapter = get_chapter(name)
-    preset = chapter.PRESETS["cpu"]
+    preset = chapter.presets["cpu"]
     monkeypatch.setenv("VMOE_REQUIRE_RESULTS", "1")  # never train: a missing result raises MissingResultError
     results = chapter.run("cpu", progress=False).results  # the chapter's own keys (with any post-training probe)
     seeds_of = getattr(chapter, "seeds_of", lambda _preset, _name: preset.seeds)  # a chapter may train some runs on fewer seeds

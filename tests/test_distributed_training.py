@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import psutil
 import pytest
@@ -198,13 +197,12 @@ def test_torchrun_executor_trains_each_missing_run_on_two_processes_and_verify_r
     assert again[0].path.stat().st_mtime == first[0].path.stat().st_mtime  # present: not trained again
 
     # verify reruns it on 2 processes too, and gets it bit for bit.
+    from helpers_foundation import toy_chapter
     from vmoe_lib import chapters
     from vmoe_lib.chapters.base import Preset
     from vmoe_lib.verify import verify_chapter
 
-    preset = Preset("smoke", "toy", "CPU", 1.0, (0,))
-    toy = types.SimpleNamespace(NAME="toy_sweep", PRESETS={"smoke": preset}, experiment=lambda p: runs,
-                                run_options=lambda p: {})
+    toy = toy_chapter("toy_sweep", runs, {"smoke": Preset("smoke", "toy", "CPU", 1.0, (0,))})
     monkeypatch.setitem(chapters.CHAPTERS, "toy_sweep", toy)
     [check] = verify_chapter("toy_sweep", "smoke", sample=1, progress=False)
     assert check.identical and check.compared > 10, [d.describe() for d in check.differences]

@@ -10,15 +10,17 @@ import torch
 
 import vmoe_lib as vl
 from vmoe_lib.chapters import dense_baselines
-from vmoe_lib.chapters import placement as chapter
+from vmoe_lib.chapters import placement
 from vmoe_lib.chapters.base import ChapterResults
 from vmoe_lib.chapters.probes import RoutingStatsProbe
 from vmoe_lib.data import ImageDataset
 from vmoe_lib.errors import ConfigError
 from vmoe_lib.stats import VERDICTS, VerdictRecord
 
+chapter = placement.chapter
 
-@pytest.mark.parametrize("preset", list(chapter.PRESETS))
+
+@pytest.mark.parametrize("preset", list(chapter.presets))
 def test_placements_are_distinct_and_last2_is_inside_every2(preset):
     info = chapter.placement_layers(preset)
     for arch, d in info.items():
@@ -38,12 +40,12 @@ def test_the_cpu_placements_are_the_ones_the_chapter_draws():
     assert info["convnext"]["layers"]["last2"] == [7, 9]  # stage 2's last block and stage 3's last block
 
 
-@pytest.mark.parametrize("preset", list(chapter.PRESETS))
+@pytest.mark.parametrize("preset", list(chapter.presets))
 def test_runs_of_an_architecture_differ_only_in_placement(preset):
     configs = chapter.experiment(preset)
-    for arch in chapter.ARCHITECTURES:
+    for arch in placement.ARCHITECTURES:
         dense = configs[f"{arch}_dense"].to_dict()
-        for tag, strategy in chapter.PLACEMENTS.items():
+        for tag, strategy in placement.PLACEMENTS.items():
             moe = configs[f"{arch}_{tag}"].to_dict()
             kwargs = dict(moe.pop("model_kwargs"))
             assert kwargs.pop("moe_layers") == strategy
@@ -59,7 +61,7 @@ def test_the_moe_models_activate_the_dense_models_flops():
     configs = chapter.experiment("smoke")
     for arch, shape in (("vit", (1, 28, 28)), ("convnext", (1, 32, 32))):
         dense = model_costs(vl.create_model(configs[f"{arch}_dense"].model, **configs[f"{arch}_dense"].model_kwargs), shape)
-        for tag in chapter.PLACEMENTS:
+        for tag in placement.PLACEMENTS:
             cfg = configs[f"{arch}_{tag}"]
             costs = model_costs(vl.create_model(cfg.model, **cfg.model_kwargs), shape)
             assert costs["flops_per_image"] == pytest.approx(dense["flops_per_image"], rel=0.02), (arch, tag)
@@ -70,11 +72,11 @@ def test_the_moe_models_activate_the_dense_models_flops():
 def test_borrowed_runs_are_chapter_0s_configs_and_seeds(preset):
     lent = chapter.borrowed(preset)
     assert set(lent) == {"convnext_dense", "vit_small_dense", "vit_small_last2"}
-    theirs = dense_baselines.experiment(preset)
+    theirs = dense_baselines.chapter.experiment(preset)
     mine = chapter.experiment(preset)
     for name, other in lent.items():
         assert theirs[other].to_dict() == mine[name].to_dict()
-        assert set(chapter.seeds_of(preset, name)) <= set(dense_baselines.seeds_of(preset, other))
+        assert set(chapter.seeds_of(preset, name)) <= set(dense_baselines.chapter.seeds_of(preset, other))
     assert chapter.borrowed("gpu") == {}  # CIFAR-100: chapter 0's gpu preset trains on CIFAR-10
 
 
@@ -110,19 +112,19 @@ def test_probe_settings_enter_the_results_key():
     assert RoutingStatsProbe().settings() == {"routing_stats": {"probe_images": None}}
     assert RoutingStatsProbe(capacity_factors=(1,)).settings() == {
         "routing_stats": {"probe_images": None, "capacity_factors": [1.0]}}
-    assert chapter.run_options("cpu")["hash_extra"] == {"probe": RoutingStatsProbe(capacity_factors=(1.0,)).settings()}
+    assert chapter.plan("cpu").spec("vit_all").hash_extra == {"probe": RoutingStatsProbe(capacity_factors=(1.0,)).settings()}
 
 
 def test_claims_are_declared_with_controls_and_families():
     claims = chapter.claims("cpu")
     ids = [c.id for c in claims]
     assert len(ids) == len(set(ids))
-    robust = [c for c in claims if c.family == chapter.ROBUST_FAMILY]
-    assert len(robust) == 8 and all(c.test == "noninferiority" and c.min_effect == chapter.MARGIN for c in robust)
+    robust = [c for c in claims if c.family == placement.ROBUST_FAMILY]
+    assert len(robust) == 8 and all(c.test == "noninferiority" and c.min_effect == placement.MARGIN for c in robust)
     assert all(c.contrast.split(" vs ")[0].endswith("_last2") for c in robust)
-    tests = {c.id: c.test for c in claims if c.family == chapter.EVERY2_FAMILY}
+    tests = {c.id: c.test for c in claims if c.family == placement.EVERY2_FAMILY}
     assert tests == {"every2_beats_last2_vit": "paired_t", "every2_equivalent_last2_vit": "tost"}
-    assert len([c for c in claims if c.family == chapter.SIZE_FAMILY]) == 3
+    assert len([c for c in claims if c.family == placement.SIZE_FAMILY]) == 3
     assert all(c.control in ids for c in claims if c.control)
     with pytest.raises(ConfigError, match="preset='huge'"):
         chapter.claims("huge")
@@ -131,12 +133,12 @@ def test_claims_are_declared_with_controls_and_families():
 def _record(claim_id: str, verdict: str) -> VerdictRecord:
     return VerdictRecord(
         claim_id=claim_id, claim="", source="", contrast="", metric="test_accuracy", direction="greater", min_effect=0.5,
-        paired=True, test="noninferiority", family=chapter.ROBUST_FAMILY, n=3, effect=0.0, bound=0.0, p_value=0.5,
+        paired=True, test="noninferiority", family=placement.ROBUST_FAMILY, n=3, effect=0.0, bound=0.0, p_value=0.5,
         p_holm=0.5, mde=1.0, control=None, verdict=verdict, why="", values={}, interval=(0.0, 0.0), min_effect_why="x")
 
 
 def test_robustness_rule():
-    ids = [c.id for c in chapter.claims("cpu") if c.family == chapter.ROBUST_FAMILY]
+    ids = [c.id for c in chapter.claims("cpu") if c.family == placement.ROBUST_FAMILY]
     assert chapter.robustness_verdict([_record(i, "reproduced") for i in ids])[0] == "reproduced"
     mixed = [_record(i, "reproduced") for i in ids[:-1]] + [_record(ids[-1], "inconclusive")]
     assert chapter.robustness_verdict(mixed)[0] == "inconclusive"
@@ -168,14 +170,14 @@ def test_tables_figures_and_verdicts_from_the_results_of_record(cpu_results, tmp
     assert {"convnext_dense", "vit_small_dense", "vit_small_last2"} <= set(names)
     assert chapter.own_runs(cpu_results) == 6 * 4 + 5 * 3
     # The preset states the wall time its results of record took (the book's budget is 90 min; see the chapter).
-    assert 0 < chapter.wall_minutes(cpu_results) <= chapter.PRESETS["cpu"].expected_minutes
+    assert 0 < chapter.wall_minutes(cpu_results) <= chapter.presets["cpu"].expected_minutes
     table = chapter.placement_table(cpu_results)
     assert table.loc["vit_every2", "MoE blocks"] == "[1, 3, 5]" and table.loc["vit_dense", "MoE blocks"] == "—"
-    routing = chapter.routing_table(cpu_results)
+    routing = chapter.routing_table(cpu_results, training_capacity=1.0)
     assert routing["gate entropy (nats)"].between(0, math.log(8)).all()
     assert (routing["dropped at inference (%)"] == 0).all() and (routing["dropped at cf 1 (%)"] > 0).all()
-    assert set(chapter.control_table(cpu_results).index) == {f"{a}_{t}" for a in chapter.ARCHITECTURES
-                                                             for t in chapter.PLACEMENTS} | {"vit_small_last2"}
+    assert set(chapter.control_table(cpu_results).index) == {f"{a}_{t}" for a in placement.ARCHITECTURES
+                                                             for t in placement.PLACEMENTS} | {"vit_small_last2"}
     verdicts = chapter.verdicts(cpu_results)
     assert [v.claim_id for v in verdicts] == [c.id for c in chapter.claims("cpu")]
     assert all(v.verdict in VERDICTS for v in verdicts)

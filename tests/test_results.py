@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+import vmoe_lib as vl
 from vmoe_lib import results as vresults
 from vmoe_lib import train as vtrain
 from vmoe_lib.errors import ConfigError
@@ -109,7 +110,7 @@ def test_missing_runs_are_trained_and_written_with_a_manifest(tmp_path, trained)
     assert manifest["wall_time_s"] == result.record["wall_time_s"] > 0
     assert manifest["hardware"]["device"] == "cpu" and manifest["hardware"]["cpu_count"] >= 1
     assert set(manifest["versions"]) >= {"torch", "timm", "vmoe_lib", "python"}
-    assert manifest["versions"]["vmoe_lib"] == vresults.__version__
+    assert manifest["versions"]["vmoe_lib"] == vl.__version__
     assert "git_sha" in manifest
     assert manifest["git_sha"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", manifest["git_sha"])
     assert manifest["regenerate"] == f"python -m vmoe_lib run {CHAPTER} --preset {PRESET}"

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import vmoe_lib as vl
-from vmoe_lib.chapters import routers_bpr as chapter
+from vmoe_lib.chapters import routers_bpr
 from vmoe_lib.chapters.base import ChapterResults
 from vmoe_lib.data import ImageDataset
 from vmoe_lib.layers.stats import collect_routing_stats, moe_layers
 from vmoe_lib.models import set_routing
+
+chapter = routers_bpr.chapter
 
 
 def _dataset(n_test: int = 48, seed: int = 0) -> ImageDataset:
@@ -29,7 +31,7 @@ def _dataset(n_test: int = 48, seed: int = 0) -> ImageDataset:
     )
 
 
-@pytest.mark.parametrize("name", list(chapter.ROUTER_RUNS))
+@pytest.mark.parametrize("name", list(routers_bpr.ROUTER_RUNS))
 def test_every_router_processes_the_same_pairs(name):
     """The cpu preset's premise: 136 pairs per 8-image group per MoE layer (Soft MoE: 16 per image)."""
     torch.manual_seed(0)
@@ -57,16 +59,16 @@ def test_every_router_processes_the_same_pairs(name):
 
 def test_k2_run_and_dense_run_are_what_the_chapter_says():
     configs = chapter.experiment("cpu")
-    k2 = configs[chapter.K2_RUN].model_kwargs
+    k2 = configs[routers_bpr.K2_RUN].model_kwargs
     assert (k2["k"], k2["capacity_factor"]) == (2, 1.05)
     from vmoe_lib.chapters import dense_baselines
     from vmoe_lib.chapters.recipes import TEST_BED
 
-    assert configs[chapter.DENSE_RUN].model == TEST_BED.dense
+    assert configs[routers_bpr.DENSE_RUN].model == TEST_BED.dense
     assert {c.epochs for c in configs.values()} == {TEST_BED.epochs}
-    assert {c.model_kwargs.get("moe_layers") for n, c in configs.items() if n != chapter.DENSE_RUN} == {TEST_BED.placement}
+    assert {c.model_kwargs.get("moe_layers") for n, c in configs.items() if n != routers_bpr.DENSE_RUN} == {TEST_BED.placement}
     # the dense run is chapter 0's dense run of the test bed: the same config, so the same results key
-    assert configs[chapter.DENSE_RUN].to_dict() == dense_baselines.experiment("cpu")[TEST_BED.dense_run].to_dict()
+    assert configs[routers_bpr.DENSE_RUN].to_dict() == dense_baselines.chapter.experiment("cpu")[TEST_BED.dense_run].to_dict()
     # every run shares the recipe: only the model differs
     recipes = {json.dumps({k: v for k, v in c.to_dict().items() if k not in ("model", "model_kwargs")}, sort_keys=True)
                for c in configs.values()}
@@ -82,7 +84,7 @@ def _token_choice_model(k: int = 1, capacity_multiple: int = 1) -> torch.nn.Modu
 
 def test_probe_sweeps_capacity_and_restores_the_routing():
     model = _token_choice_model(k=2, capacity_multiple=4)  # the probe itself routes with capacity_multiple=1
-    probe = chapter.RoutingProbe(capacity_factors=(0.1, 0.5, 8.0), mask_capacity_factors=(0.25,),
+    probe = routers_bpr.RoutingProbe(capacity_factors=(0.1, 0.5, 8.0), mask_capacity_factors=(0.25,),
                                  bits_capacity_factors=(0.5,))
     out = probe(model, _dataset(), torch.device("cpu"))
     assert set(out) == {"probe", "routing", "capacity_sweep", "dropped_patches", "no_drop"}
@@ -114,7 +116,7 @@ def test_probe_sweeps_capacity_and_restores_the_routing():
 
 def test_dropped_patch_maps_match_the_capacity():
     model = _token_choice_model(k=1)
-    probe = chapter.RoutingProbe(capacity_factors=(1.0,), mask_capacity_factors=(0.25, 0.5))
+    probe = routers_bpr.RoutingProbe(capacity_factors=(1.0,), mask_capacity_factors=(0.25, 0.5))
     info = probe(model, _dataset(), torch.device("cpu"))["dropped_patches"]
     assert np.asarray(info["images"]).shape == (8, 28, 28)
     assert len(info["masks"]) == 4
@@ -134,10 +136,10 @@ def test_dropped_patch_maps_match_the_capacity():
 
 def test_probe_on_a_dense_model_is_empty_and_soft_has_no_sweep():
     dense = vl.create_model("vit_pico_patch7_28", num_classes=10, in_chans=1)
-    assert chapter.RoutingProbe()(dense, _dataset(), torch.device("cpu")) == {}
+    assert routers_bpr.RoutingProbe()(dense, _dataset(), torch.device("cpu")) == {}
     cfg = chapter.experiment("cpu")["soft"]
     soft = vl.create_model(cfg.model, num_classes=10, in_chans=1, **cfg.model_kwargs)
-    out = chapter.RoutingProbe(capacity_factors=(1.0,))(soft, _dataset(16), torch.device("cpu"))
+    out = routers_bpr.RoutingProbe(capacity_factors=(1.0,))(soft, _dataset(16), torch.device("cpu"))
     assert "capacity_sweep" not in out
     for s in out["routing"].values():
         assert s["dropped_fraction"] == 0.0 and s["mean_experts_per_token"] == 8.0
@@ -147,8 +149,8 @@ def test_probe_settings_enter_the_results_key():
     from vmoe_lib.results import config_hash
 
     cfg = chapter.experiment("smoke")["softmax_tc"]
-    a = config_hash(cfg, {"probe": chapter.RoutingProbe(capacity_factors=(0.5, 1.0)).settings()})
-    b = config_hash(cfg, {"probe": chapter.RoutingProbe(capacity_factors=(0.5, 2.0)).settings()})
+    a = config_hash(cfg, {"probe": routers_bpr.RoutingProbe(capacity_factors=(0.5, 1.0)).settings()})
+    b = config_hash(cfg, {"probe": routers_bpr.RoutingProbe(capacity_factors=(0.5, 2.0)).settings()})
     assert a != b
 
 
@@ -165,17 +167,17 @@ def test_tables_figures_and_verdicts_from_the_results_of_record(cpu_results, tmp
     matplotlib.use("Agg")
     monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path))  # verdicts.json goes to a scratch folder
     table = chapter.router_table(cpu_results)
-    assert list(table.index) == [*chapter.ROUTER_RUNS, chapter.K2_RUN, chapter.DENSE_RUN]
-    assert set(table.loc[list(chapter.ROUTER_RUNS) + [chapter.DENSE_RUN], "pairs / image"]) <= {16.0, 17.0}
+    assert list(table.index) == [*routers_bpr.ROUTER_RUNS, routers_bpr.K2_RUN, routers_bpr.DENSE_RUN]
+    assert set(table.loc[list(routers_bpr.ROUTER_RUNS) + [routers_bpr.DENSE_RUN], "pairs / image"]) <= {16.0, 17.0}
     caps = chapter.capacity_table(cpu_results)
-    assert len(caps.columns) == len(chapter.PRESETS["cpu"].settings["sweep"])
+    assert len(caps.columns) == len(chapter.presets["cpu"].settings["sweep"])
     assert not chapter.routing_table(cpu_results).empty
     verdicts = chapter.verdicts(cpu_results)
     ids = [v.claim_id for v in verdicts]
     assert ids == [c.id for c in chapter.claims("cpu")]  # every declared claim, in declaration order
     assert {"ec_vs_tc_softmax", "ec_vs_tc_sinkhorn", "moe_vs_dense", "bpr_vs_vanilla_k1", "bpr_vs_vanilla_k2",
             "vanilla_collapse_k1", "vanilla_collapse_k2", "experts_carry_weight_k1"} <= set(ids)
-    assert {f"soft_vs_{n}" for n in chapter.ROUTER_RUNS if n != "soft"} <= set(ids)  # against each sparse router
+    assert {f"soft_vs_{n}" for n in routers_bpr.ROUTER_RUNS if n != "soft"} <= set(ids)  # against each sparse router
     assert all(v.verdict in vl.stats.VERDICTS for v in verdicts)
     assert (tmp_path / "cpu" / "routers_bpr" / "verdicts.json").exists()
     text = chapter.findings(cpu_results)
@@ -226,7 +228,7 @@ def test_a_run_killed_in_the_probe_resumes_without_retraining(tmp_path, monkeypa
         model_kwargs={"router": "softmax_token_choice", "k": 1, "num_experts": 4, "group_size": 8,
                       "capacity_factor": 1.0, "eval_capacity_factor": 1.0, "router_options": {"capacity_multiple": 1}},
     )
-    probe = chapter.RoutingProbe(capacity_factors=(0.5, 1.0), probe_images=16)
+    probe = routers_bpr.RoutingProbe(capacity_factors=(0.5, 1.0), probe_images=16)
     steps = []
     original_step = torch.optim.AdamW.step
 

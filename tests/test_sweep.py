@@ -19,7 +19,7 @@ import pytest
 from helpers_foundation import REPO_ROOT, TIMING_KEYS
 from vmoe_lib import train as vtrain
 from vmoe_lib.chapters import base as chapter_base
-from vmoe_lib.chapters.base import Preset, apply_overrides, parse_overrides, parse_seeds, run_sweep
+from vmoe_lib.chapters.base import Preset, apply_overrides, parse_overrides, parse_seeds
 from vmoe_lib.errors import ConfigError
 from vmoe_lib.results import load_or_run, read_valid_result
 from vmoe_lib.sweep import SweepError, check_storage, resolve_workers
@@ -155,8 +155,6 @@ def test_storage_checks_name_the_folder_and_the_variable(tmp_path, monkeypatch):
                                                         ("torchrun", 2, 1), ("slurm", 1, 5)])
 def test_the_storage_check_counts_the_checkpoints_written_at_once(tmp_path, monkeypatch, executor, workers, expected):
     """Five missing runs: one checkpoint per local worker at a time (not five), all five under SLURM."""
-    import vmoe_lib.sweep as vsweep
-
     monkeypatch.setenv("VMOE_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache"))
     seen = []
@@ -165,7 +163,7 @@ def test_the_storage_check_counts_the_checkpoints_written_at_once(tmp_path, monk
         seen.append(concurrent)
         raise ConfigError("stop here")
 
-    monkeypatch.setattr(vsweep, "check_storage", stop)
+    monkeypatch.setattr("vmoe_lib.results.check_storage", stop)
     with pytest.raises(ConfigError, match="stop here"):
         load_or_run("toy_storage", "smoke", {"a": TINY}, [0, 1, 2, 3, 4], progress=False, executor=executor,
                     workers=workers)
@@ -298,20 +296,42 @@ def test_auto_workers_use_one_thread_per_core_on_cpu():
 PRESETS = {"smoke": Preset("smoke", "tiny", "any CPU", 0.1, seeds=(0, 1))}
 
 
-def _experiment(preset):
-    return {"a": TINY}
+def _toy(name: str = CHAPTER, configs=None):
+    from helpers_foundation import toy_chapter
+
+    return toy_chapter(name, configs or {"a": TINY}, PRESETS)
 
 
 def test_verdicts_of_record_only_from_the_presets_own_seeds(tmp_path):
-    full = run_sweep(CHAPTER, PRESETS, _experiment, "smoke", seeds=[1, 0], executor="inline", progress=False)
+    toy = _toy()
+    full = toy.run("smoke", seeds=[1, 0], executor="inline", progress=False)
     assert full.of_record and full.verdicts_path() == tmp_path / "results" / "smoke" / CHAPTER / "verdicts.json"
-    subset = run_sweep(CHAPTER, PRESETS, _experiment, "smoke", seeds="0", executor="inline", progress=False)
-    extra = run_sweep(CHAPTER, PRESETS, _experiment, "smoke", seeds=[0, 1, 2], executor="inline", progress=False)
+    subset = toy.run("smoke", seeds="0", executor="inline", progress=False)
+    extra = toy.run("smoke", seeds=[0, 1, 2], executor="inline", progress=False)
     for results in (subset, extra):
         assert not results.of_record
         assert results.verdicts_path() == tmp_path / "results" / "custom" / CHAPTER / "verdicts.json"
     with pytest.raises(ConfigError, match="duplicate seed"):
-        run_sweep(CHAPTER, PRESETS, _experiment, "smoke", seeds=[0, 0], executor="inline", progress=False)
+        toy.run("smoke", seeds=[0, 0], executor="inline", progress=False)
+
+
+def test_runs_of_different_seed_counts_train_from_one_queue(tmp_path, monkeypatch):
+    """Per-run seed lists go to the executor as one list of tasks (no group waits for another)."""
+    from vmoe_lib import sweep
+
+    calls = []
+    real = sweep.run_tasks
+
+    def spy(tasks, **kwargs):
+        calls.append([(t.name, t.seed) for t in tasks])
+        return real(tasks, **kwargs)
+
+    monkeypatch.setattr("vmoe_lib.results.run_tasks", spy)
+    out = load_or_run(CHAPTER, PRESET, {"a": TINY, "b": TINY.replace(lr=1e-3)}, {"a": [0, 1], "b": [0]}, progress=False)
+    assert calls == [[("a", 0), ("a", 1), ("b", 0)]]
+    assert [(r.name, r.seed) for r in out] == [("a", 0), ("a", 1), ("b", 0)]
+    with pytest.raises(ConfigError, match=r"runs without seeds \['b'\]"):
+        load_or_run(CHAPTER, PRESET, {"a": TINY, "b": TINY.replace(lr=1e-3)}, {"a": [0]}, progress=False)
 
 
 def test_chapter_verdicts_of_a_seed_subset_never_touch_the_record(tmp_path, monkeypatch):
@@ -360,13 +380,10 @@ def test_submitit_local_executor_runs_the_missing_runs_as_jobs(tmp_path):
 # ----------------------------------------------------------------------------- verify
 @pytest.mark.slow
 def test_verify_reruns_a_record_and_reports_identical_or_the_differences(tmp_path, monkeypatch):
-    import types
-
     from vmoe_lib import chapters
     from vmoe_lib.verify import verify_chapter
 
-    toy = types.SimpleNamespace(NAME="toy_verify", PRESETS=PRESETS, experiment=_experiment, run_options=lambda p: {})
-    monkeypatch.setitem(chapters.CHAPTERS, "toy_verify", toy)
+    monkeypatch.setitem(chapters.CHAPTERS, "toy_verify", _toy("toy_verify"))
     recorded = load_or_run("toy_verify", "smoke", {"a": TINY}, [0, 1], executor="local", workers=1, progress=False)
     [check] = verify_chapter("toy_verify", "smoke", sample=1, seed=0, progress=False)
     assert check.identical and check.compared > 10 and check.settings == {"threads": os.cpu_count(), "pinned": True}

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 import vmoe_lib as vl
-from vmoe_lib.chapters import dense_baselines as chapter
+from vmoe_lib.chapters import dense_baselines
 from vmoe_lib.chapters.base import ChapterResults
 from vmoe_lib.chapters.recipes import TEST_BED, TEST_BED_CONVNEXT
 from vmoe_lib.predictions import pack_bits
+
+chapter = dense_baselines.chapter
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def test_claims_are_declared_for_every_candidate_and_decided_by_the_rule(cpu_res
     assert all(v.verdict in vl.stats.VERDICTS for v in verdicts)
     # Holm within the chapter's claims, and the controls among themselves
     families = {v.family for v in verdicts}
-    assert families == {chapter.FAMILY, f"{chapter.FAMILY}:controls"}
+    assert families == {dense_baselines.FAMILY, f"{dense_baselines.FAMILY}:controls"}
 
 
 def test_power_table_findings_and_figure(cpu_results):

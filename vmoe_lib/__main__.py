@@ -122,13 +122,12 @@ def _run(args: argparse.Namespace) -> int:
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if hasattr(chapter, "verdicts"):
-        for v in chapter.verdicts(results):
-            effect = (f"effect {v.effect:+.2f} points, 90% [{v.interval[0]:+.2f}, {v.interval[1]:+.2f}], "
-                      f"Holm p {v.p_holm if v.p_holm is not None else float('nan'):.3g}, MDE {v.mde:.2f}"
-                      if v.effect is not None else "no data")
-            print(f"[{v.verdict}] {v.claim_id}: {effect} ({v.why})")
-        print(f"verdicts written to {results.verdicts_path()}")
+    for v in chapter.verdicts(results):
+        effect = (f"effect {v.effect:+.2f} points, 90% [{v.interval[0]:+.2f}, {v.interval[1]:+.2f}], "
+                  f"Holm p {v.p_holm if v.p_holm is not None else float('nan'):.3g}, MDE {v.mde:.2f}"
+                  if v.effect is not None else "no data")
+        print(f"[{v.verdict}] {v.claim_id}: {effect} ({v.why})")
+    print(f"verdicts written to {results.verdicts_path()}")
     print(f"{len(results.results)} runs of {args.chapter}/{results.preset} ready in {(time.time() - started) / 60:.1f} min")
     return 0
 
@@ -163,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             from .chapters import CHAPTERS
 
-            for name, module in CHAPTERS.items():
-                for preset in module.PRESETS.values():
+            for name, chapter in CHAPTERS.items():
+                for preset in chapter.presets.values():
                     print(f"{name:24s} {preset.name:6s} {preset.expected_minutes:6.1f} min  {preset.hardware}: {preset.description}")
             return 0
         if args.command == "verify":

@@ -14,7 +14,8 @@ import pandas as pd
 
 from .results import RunResult
 
-__all__ = ["correct_of", "bypass_correct_of", "runs_table", "summary_table", "final_metric", "mean_sd_text", "format_mean_sd"]
+__all__ = ["correct_of", "bypass_correct_of", "routing_of", "load_cv", "runs_table", "summary_table", "final_metric",
+           "mean_sd_text", "format_mean_sd"]
 
 
 def mean_sd_text(values: Sequence[float], unit: float = 100.0, digits: int = 2) -> str:
@@ -50,6 +51,17 @@ def bypass_correct_of(result: RunResult) -> np.ndarray:
     if not stored:
         raise ValueError(f"run {result.name} seed {result.seed} stores no MoE-bypass evaluation")
     return unpack_bits(stored["correct"])
+
+
+def routing_of(result: RunResult) -> dict[str, dict[str, Any]]:
+    """The per-layer routing statistics a probe stored in the run's record (``{}`` for a dense run or no probe)."""
+    return (result.record.get("extra") or {}).get("routing", {})
+
+
+def load_cv(load: Sequence[float]) -> float:
+    """Coefficient of variation of the experts' loads (population sd / mean; 0 = perfectly balanced)."""
+    x = np.asarray(load, dtype=float)
+    return float(x.std() / x.mean()) if x.mean() > 0 else float("nan")
 
 
 def final_metric(result: RunResult, metric: str = "test_accuracy") -> float:

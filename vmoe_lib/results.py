@@ -1,6 +1,6 @@
 """Results of record: one small JSON file per (experiment config, seed), reused when present.
 
-Layout::
+Layout (the file format is :mod:`vmoe_lib.records`)::
 
     results/<preset>/<chapter>/<run name>__<config hash>__s<seed>.json
 
@@ -11,10 +11,13 @@ results valid. Presets ``cpu`` and ``gpu`` are results of record and committed;
 ``smoke`` results live in ``results/smoke/``, which git ignores, so a smoke run
 never overwrites a result of record.
 
-A sweep is a list of runs; :func:`load_or_run` runs only the missing ones, each
-with a checkpoint under ``.cache/vmoe/checkpoints`` so that a sweep killed
-halfway resumes where it stopped. A file that cannot be read or whose stored
-config does not match its key is reported and rerun, never used.
+A sweep is a list of runs (:class:`RunSpec`: a config, its seeds, the chapter
+folder that holds its records); :func:`load_runs` trains only the missing
+(run, seed) pairs, all from one queue, each with a checkpoint under
+``.cache/vmoe/checkpoints`` so that a sweep killed halfway resumes where it
+stopped. A file that cannot be read or whose stored config does not match its
+key is reported and rerun, never used. :func:`load_or_run` is the same for one
+chapter's runs given as ``{name: config}``.
 
 In *require* mode (``VMOE_REQUIRE_RESULTS=1``, set by the book build and CI)
 nothing is trained: a missing or stale result raises
@@ -23,37 +26,29 @@ nothing is trained: a missing or stale result raises
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-import platform
-import subprocess
-import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ._version import __version__
 from .errors import ConfigError
-from .train import TrainConfig, train_model
+from .records import (FORMAT_VERSION, _git_sha, _hardware, _repo_root, _versions, build_manifest, cache_root,  # noqa: F401
+                      config_hash, read_valid_result, regenerate_command, results_root, validate_payload)
+from .sweep import RunTask, SweepError, check_storage, resolve_workers, run_tasks, summarize_failures
+from .train import TrainConfig
 
 __all__ = [
     "FORMAT_VERSION",
     "MissingResultError",
     "RunResult",
+    "RunSpec",
     "config_hash",
     "results_root",
+    "load_runs",
     "load_or_run",
     "regenerate_command",
 ]
-
-FORMAT_VERSION = 1
 
 
 class MissingResultError(RuntimeError):
@@ -80,208 +75,148 @@ class RunResult:
         return self.record["final"]
 
 
-def config_hash(config: TrainConfig | Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
-    """Stable 12-hex-digit hash of a config (and of ``extra`` settings that change the outcome)."""
-    payload = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
-    # Fields left at None ("feature off") are not part of the key, so adding a new
-    # optional field to TrainConfig later keeps every existing result valid.
-    payload = {k: v for k, v in payload.items() if v is not None}
-    if extra:
-        payload = {"config": payload, "extra": dict(extra)}
-    try:
-        # No default= here: what is hashed must also be storable in the manifest, exactly.
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    except TypeError as err:
-        raise ConfigError(f"config/hash_extra must hold only JSON values (str, int, float, bool, None, list, dict): {err}") from err
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _repo_root() -> Path | None:
-    """The checkout this package lives in (editable install), or the one around the cwd."""
-    for start in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        for folder in (start, *start.parents):
-            if (folder / "pyproject.toml").is_file() and (folder / "vmoe_lib").is_dir():
-                return folder
-    return None
-
-
-def results_root() -> Path:
-    """``$VMOE_RESULTS_DIR``, else ``results/`` of the checkout, else ``./results``."""
-    if os.environ.get("VMOE_RESULTS_DIR"):
-        return Path(os.environ["VMOE_RESULTS_DIR"])
-    root = _repo_root()
-    return (root / "results") if root is not None else Path.cwd() / "results"
-
-
-def cache_root() -> Path:
-    """Checkpoints and weights: ``$VMOE_CACHE_DIR``, else ``.cache/vmoe`` of the checkout (git-ignored)."""
-    if os.environ.get("VMOE_CACHE_DIR"):
-        return Path(os.environ["VMOE_CACHE_DIR"])
-    root = _repo_root()
-    return (root if root is not None else Path.cwd()) / ".cache" / "vmoe"
-
-
-def regenerate_command(chapter: str, preset: str) -> str:
-    """The shell command that (re)creates a chapter's results for a preset."""
-    return f"python -m vmoe_lib run {chapter} --preset {preset}"
-
-
-def _git_sha() -> str | None:
-    root = _repo_root()
-    if root is None:
-        return None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "vmoe_lib"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if sha.returncode != 0:
-        return None
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _hardware(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "device": device,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def _versions() -> dict[str, str]:
-    import timm
-
-    return {
-        "vmoe_lib": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
-
-
-_NUMBER = (int, float)
-# Every field a stored record must have, with the types it must hold: a file failing any of these
-# is corrupt (reported and rerun), never used.
-_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
-    "format_version": (int,), "chapter": (str,), "preset": (str,), "run": (str,), "seed": (int,),
-    "config_hash": (str,), "config": (dict,), "wall_time_s": _NUMBER, "hardware": (dict,), "versions": (dict,),
-}
-_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
-    "history": (list,), "final": (dict,), "costs": (dict,), "extra": (dict,), "wall_time_s": _NUMBER, "device": (str,),
-}
-_EPOCH_FIELDS: dict[str, tuple[type, ...]] = {"epoch": (int,), "train_loss": _NUMBER, "train_accuracy": _NUMBER}
-
-
-def _is(value: Any, types: tuple[type, ...]) -> bool:
-    return isinstance(value, types) and not isinstance(value, bool)
-
-
-def validate_payload(payload: Any, key: str, seed: int) -> list[str]:
-    """What is wrong with a stored result for (key, seed): missing fields, wrong types, wrong key. Empty when valid."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("manifest"), dict) or not isinstance(payload.get("record"), dict):
-        return ["not a {manifest, record} object"]
-    manifest, record = payload["manifest"], payload["record"]
-    problems = []
-    for part, spec, data in (("manifest", _MANIFEST_FIELDS, manifest), ("record", _RECORD_FIELDS, record)):
-        for name, types in spec.items():
-            if name not in data:
-                problems.append(f"{part}.{name} missing")
-            elif not _is(data[name], types):
-                problems.append(f"{part}.{name} is {type(data[name]).__name__}, not {'/'.join(t.__name__ for t in types)}")
-    if problems:
-        return problems
-    if manifest["format_version"] != FORMAT_VERSION:
-        problems.append(f"format_version {manifest['format_version']} != {FORMAT_VERSION}")
-    try:
-        if manifest["config_hash"] != key or config_hash(manifest["config"], manifest.get("hash_extra")) != key:
-            problems.append("stored config does not match its key")
-    except ConfigError as err:
-        problems.append(str(err))
-    if manifest["seed"] != seed:
-        problems.append(f"seed {manifest['seed']} != {seed}")
-    if not record["history"]:
-        problems.append("empty history")
-    for i, epoch in enumerate(record["history"]):
-        if not isinstance(epoch, dict):
-            problems.append(f"record.history[{i}] is {type(epoch).__name__}, not dict")
-            continue
-        for name, types in _EPOCH_FIELDS.items():
-            if not _is(epoch.get(name), types):
-                problems.append(f"record.history[{i}].{name} is missing or not a number")
-    for name, value in record["final"].items():
-        if not _is(value, _NUMBER) or not math.isfinite(value):
-            problems.append(f"record.final.{name}={value!r} is not a finite number")
-    if not any(k.endswith("accuracy") for k in record["final"]):
-        problems.append("record.final has no accuracy")
-    return problems
-
-
-def read_valid_result(path: Path, key: str, seed: int, *, quiet: bool = False) -> dict[str, Any] | None:
-    """The stored payload if ``path`` holds a complete result for exactly (key, seed); else ``None``.
-
-    A file that is unreadable, truncated, misses a field or holds a value of the wrong type is
-    reported (unless ``quiet``) and treated as missing, so its run is trained again.
-    """
-    if not path.exists():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-        problems = validate_payload(payload, key, seed)
-    except (OSError, ValueError) as err:
-        problems = [f"unreadable ({type(err).__name__}: {err})"]
-    if problems:
-        if not quiet:
-            warnings.warn(f"ignoring corrupt result file {path}: {'; '.join(problems)}; its run is trained again", stacklevel=3)
-        return None
-    return payload
-
-
-def build_manifest(task: Any, record: Mapping[str, Any], *, session_seconds: float) -> dict[str, Any]:
-    """The manifest stored beside a run's record: what ran, where, with which code and numerics."""
-    from .numerics import cpu_info, numerics_settings
-
-    return {
-        "format_version": FORMAT_VERSION,
-        "chapter": task.chapter,
-        "preset": task.preset,
-        "run": task.name,
-        "seed": task.seed,
-        "config_hash": task.key,
-        "config": task.config.to_dict(),
-        "hash_extra": dict(task.hash_extra) if task.hash_extra else None,
-        "wall_time_s": record["wall_time_s"],
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "session_seconds": session_seconds,
-        "hardware": {**_hardware(record["device"]), "cpu": cpu_info()},
-        "numerics": numerics_settings(),
-        "versions": _versions(),
-        "git_sha": task.git_sha,
-        "regenerate": task.regenerate,
-    }
-
-
 def require_mode() -> bool:
     """True when results must come from files (book builds, CI): ``VMOE_REQUIRE_RESULTS=1``."""
     return os.environ.get("VMOE_REQUIRE_RESULTS", "").lower() in {"1", "true", "yes"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its name there, config and seeds, and the chapter folder that holds its records.
+
+    Args:
+        name: the run's label in this sweep (tables, figures, :class:`RunResult`).
+        config: what trains.
+        seeds: the seeds it trains with, in order.
+        chapter: the chapter whose results folder holds its records (``results/<preset>/<chapter>/``); for a run
+            one chapter reads from another (a *borrowed* run), that other chapter.
+        stored_as: the run's name in that folder (default: ``name``).
+        extra_eval: a post-training measurement stored in the record (``train_model``'s ``extra_eval``).
+        hash_extra: settings outside the config that change the record (the probe's); they enter the key.
+    """
+
+    name: str
+    config: TrainConfig
+    seeds: tuple[int, ...]
+    chapter: str
+    stored_as: str | None = None
+    extra_eval: Callable | None = None
+    hash_extra: Mapping[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        """The results key: the config and ``hash_extra`` hashed."""
+        return config_hash(self.config, self.hash_extra)
+
+    @property
+    def file_stem(self) -> str:
+        """``<stored name>__<key>``: a record's file is ``<file_stem>__s<seed>.json``."""
+        return f"{self.stored_as or self.name}__{self.key}"
+
+
+def load_runs(
+    specs: Sequence[RunSpec],
+    preset: str,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    keep_weights: bool = False,
+    require: bool | None = None,
+    executor: str = "inline",
+    workers: int | str = 1,
+    slurm: Mapping[str, Any] | None = None,
+    regenerate: str | None = None,
+) -> list[RunResult]:
+    """Results of every (run, seed) of ``specs``: read from disk when present, the missing ones trained from one queue.
+
+    Args:
+        specs: the runs, each with its own seeds and folder (:class:`RunSpec`).
+        preset: the folder under ``results/``: ``smoke``, ``cpu``, ``gpu`` (results of record) or ``custom``.
+        device: where missing runs train.
+        keep_weights: save final weights to ``.cache/vmoe/weights`` (git-ignored).
+        require: never train; raise :class:`MissingResultError` for a missing or stale result. Defaults to
+            ``$VMOE_REQUIRE_RESULTS``.
+        executor: how missing runs train (:mod:`vmoe_lib.sweep`): ``inline`` (this process, the default here),
+            ``local`` (pinned worker processes; what chapters use), ``slurm`` or ``torchrun``.
+        workers: the ``local`` executor's worker count, or ``"auto"``.
+        slurm: the ``slurm`` executor's options (see :func:`vmoe_lib.sweep.run_tasks`).
+        regenerate: the command that regenerates these results, stored in every manifest and named by
+            :class:`MissingResultError` (default: ``python -m vmoe_lib run <chapter> --preset <preset>`` of each
+            run's chapter).
+
+    Raises:
+        SweepError: after every other run is stored, naming the runs that failed or diverged.
+
+    Returns:
+        One :class:`RunResult` per (run, seed), runs in the order given, each run's seeds in its order.
+    """
+    if not specs:
+        raise ConfigError("runs is empty; a sweep needs at least one config")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"run names must be unique in a sweep; repeated: {sorted({n for n in names if names.count(n) > 1})}")
+    for spec in specs:
+        if not spec.seeds:
+            raise ConfigError(f"run {spec.name!r} has no seeds; pass at least one seed, e.g. seeds=[0]")
+    require = require_mode() if require is None else require
+    todo, results = [], {}
+    for spec in specs:
+        key, folder = spec.key, results_root() / preset / spec.chapter
+        for seed in spec.seeds:
+            path = folder / f"{spec.file_stem}__s{seed}.json"
+            payload = read_valid_result(path, key, seed)
+            if payload is not None:
+                results[(spec.name, seed)] = RunResult(spec.name, seed, spec.config, payload["record"], payload["manifest"], path)
+            else:
+                todo.append((spec, seed, key, path))
+    commands = sorted({regenerate or regenerate_command(spec.chapter, preset) for spec, *_ in todo})
+    if todo and require:
+        missing = "\n  ".join(str(t[3]) for t in todo)
+        raise MissingResultError(
+            f"{len(todo)} result(s) of preset {preset!r} are missing or stale:\n  {missing}\n"
+            f"Regenerate them with:  {'  and  '.join(commands)}"
+        )
+    if todo:
+        # Checkpoints written at once: one per local worker (one per torchrun run), every run under SLURM.
+        if executor in ("inline", "torchrun"):
+            n_concurrent = 1
+        elif executor == "local":
+            n_concurrent = min(len(todo), resolve_workers(workers, device)[0])
+        else:
+            n_concurrent = len(todo)
+        for folder in sorted({t[3].parent for t in todo}):
+            check_storage(folder, cache_root(), [t[0].config for t in todo], n_concurrent)
+        git_sha = _git_sha()  # the code that trains, read before any run starts
+        tasks = [
+            RunTask(spec.chapter, preset, spec.stored_as or spec.name, seed, spec.config, key, path, cache_root(),
+                    hash_extra=spec.hash_extra, extra_eval=spec.extra_eval, device=device, keep_weights=keep_weights,
+                    git_sha=git_sha, regenerate=regenerate or regenerate_command(spec.chapter, preset))
+            for spec, seed, key, path in todo
+        ]
+        outcomes = run_tasks(tasks, executor=executor, workers=workers, device=device, progress=progress, slurm=slurm)
+        for (spec, seed, _, _), task, outcome in zip(todo, tasks, outcomes):
+            if not outcome.ok:
+                continue
+            payload = read_valid_result(task.path, task.key, task.seed)
+            if payload is None:
+                outcome.status, outcome.error = "failed", "its result file is missing or corrupt after training"
+                continue
+            results[(spec.name, seed)] = RunResult(spec.name, seed, spec.config, payload["record"], payload["manifest"],
+                                                   task.path)
+        if any(o.status == "submitted" for o in outcomes):
+            raise SweepError(f"{len(outcomes)} run(s) submitted; run the same command again when the jobs are done "
+                             "to collect their results", [])
+        failed = summarize_failures(outcomes)
+        if failed:
+            raise SweepError(failed, [o for o in outcomes if not o.ok])
+    return [results[(spec.name, seed)] for spec in specs for seed in spec.seeds]
 
 
 def load_or_run(
     chapter: str,
     preset: str,
     runs: Mapping[str, TrainConfig],
-    seeds: Sequence[int],
+    seeds: Sequence[int] | Mapping[str, Sequence[int]],
     *,
     device: str = "auto",
     progress: bool = True,
@@ -293,88 +228,33 @@ def load_or_run(
     workers: int | str = 1,
     slurm: Mapping[str, Any] | None = None,
 ) -> list[RunResult]:
-    """Results of every (run, seed) of a sweep: read from disk when present, trained otherwise.
+    """Results of every (run, seed) of one chapter's sweep: read from disk when present, trained otherwise.
 
     Args:
         chapter: the chapter's name (a folder under ``results/<preset>/``).
         preset: ``smoke``, ``cpu`` or ``gpu``; only ``cpu``/``gpu`` are results of record.
         runs: run name -> config; the name labels the run in tables and figures.
-        seeds: the seeds to run each config with.
-        device: where missing runs train.
-        extra_eval: passed to :func:`vmoe_lib.train.train_model` (post-training evaluations).
-        hash_extra: settings outside :class:`TrainConfig` that change the record
-            (e.g. the grid of an ``extra_eval``); they enter the key.
-        keep_weights: save final weights to ``.cache/vmoe/weights`` (git-ignored).
-        require: never train; raise :class:`MissingResultError` for a missing or
-            stale result. Defaults to ``$VMOE_REQUIRE_RESULTS``.
-        executor: how missing runs train (:mod:`vmoe_lib.sweep`): ``inline`` (this process, the
-            default here), ``local`` (pinned worker processes; what chapters use) or ``slurm``.
-        workers: the ``local`` executor's worker count, or ``"auto"``.
-        slurm: the ``slurm`` executor's options (see :func:`vmoe_lib.sweep.run_tasks`).
-
-    Raises:
-        SweepError: after every other run is stored, naming the runs that failed or diverged.
+        seeds: the seeds to run each config with: one list for every run, or ``{run name: seeds}`` (every run
+            named), so that runs of different seed counts train from one queue.
+        extra_eval, hash_extra: a post-training measurement for every run and its settings (see :class:`RunSpec`).
+        device, progress, keep_weights, require, executor, workers, slurm: as in :func:`load_runs`.
 
     Returns:
         One :class:`RunResult` per (run, seed), in sweep order.
     """
-    from .sweep import RunTask, check_storage, run_tasks, summarize_failures, SweepError
-
     if not runs:
         raise ConfigError("runs is empty; a sweep needs at least one config")
-    if not seeds:
-        raise ConfigError("seeds is empty; pass at least one seed, e.g. seeds=[0]")
-    require = require_mode() if require is None else require
-    folder = results_root() / preset / chapter
-    todo, results = [], {}
-    for name, config in runs.items():
-        key = config_hash(config, hash_extra)
-        for seed in seeds:
-            path = folder / f"{name}__{key}__s{seed}.json"
-            payload = read_valid_result(path, key, seed)
-            if payload is not None:
-                results[(name, seed)] = RunResult(name, seed, config, payload["record"], payload["manifest"], path)
-            else:
-                todo.append((name, seed, config, key, path))
-    if todo and require:
-        missing = "\n  ".join(str(t[4]) for t in todo)
-        raise MissingResultError(
-            f"{len(todo)} result(s) of chapter {chapter!r}, preset {preset!r} are missing or stale:\n  {missing}\n"
-            f"Regenerate them with:  {regenerate_command(chapter, preset)}"
-        )
-    if todo:
-        # Checkpoints written at once: one per local worker (one per torchrun run), every run under SLURM.
-        if executor in ("inline", "torchrun"):
-            n_concurrent = 1
-        elif executor == "local":
-            from .sweep import resolve_workers
-
-            n_concurrent = min(len(todo), resolve_workers(workers, device)[0])
-        else:
-            n_concurrent = len(todo)
-        check_storage(folder, cache_root(), [t[2] for t in todo], n_concurrent)
-        git_sha = _git_sha()  # the code that trains, read before any run starts
-        tasks = [
-            RunTask(chapter, preset, name, seed, config, key, path, cache_root(), hash_extra=hash_extra,
-                    extra_eval=extra_eval, device=device, keep_weights=keep_weights, git_sha=git_sha,
-                    regenerate=regenerate_command(chapter, preset))
-            for name, seed, config, key, path in todo
-        ]
-        outcomes = run_tasks(tasks, executor=executor, workers=workers, device=device, progress=progress,
-                             slurm=slurm)
-        for task, outcome in zip(tasks, outcomes):
-            if not outcome.ok:
-                continue
-            payload = read_valid_result(task.path, task.key, task.seed)
-            if payload is None:
-                outcome.status, outcome.error = "failed", "its result file is missing or corrupt after training"
-                continue
-            results[(task.name, task.seed)] = RunResult(task.name, task.seed, task.config, payload["record"],
-                                                         payload["manifest"], task.path)
-        if any(o.status == "submitted" for o in outcomes):
-            raise SweepError(f"{len(outcomes)} run(s) submitted; run the same command again when the jobs are done "
-                             "to collect their results", [])
-        failed = summarize_failures(outcomes)
-        if failed:
-            raise SweepError(failed, [o for o in outcomes if not o.ok])
-    return [results[(name, seed)] for name in runs for seed in seeds]
+    if isinstance(seeds, Mapping):
+        missing = sorted(set(runs) - set(seeds))
+        extra = sorted(set(seeds) - set(runs))
+        if missing or extra:
+            raise ConfigError(f"seeds must name every run once: runs without seeds {missing}, seeds of no run {extra}")
+        per_run = {name: tuple(seeds[name]) for name in runs}
+    else:
+        if not seeds:
+            raise ConfigError("seeds is empty; pass at least one seed, e.g. seeds=[0]")
+        per_run = {name: tuple(seeds) for name in runs}
+    specs = [RunSpec(name, config, per_run[name], chapter, extra_eval=extra_eval, hash_extra=hash_extra)
+             for name, config in runs.items()]
+    return load_runs(specs, preset, device=device, progress=progress, keep_weights=keep_weights, require=require,
+                     executor=executor, workers=workers, slurm=slurm)

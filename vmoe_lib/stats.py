@@ -92,6 +92,8 @@ class Claim:
         metric: the measured quantity (default: test accuracy).
         direction: ``"greater"`` (A above B, or a rising trend) or ``"less"``.
         control: id of the positive-control claim this claim depends on (``None``: none).
+        measure: how the chapter computes this claim's test from its runs, ``measure(claim, results)`` (e.g.
+            :class:`vmoe_lib.chapters.base.SeedPaired`); not part of the verdict record.
     """
 
     id: str
@@ -106,6 +108,7 @@ class Claim:
     metric: str = "test_accuracy"
     direction: str = "greater"
     control: str | None = None
+    measure: Any = None
 
     def __post_init__(self) -> None:
         if not self.id or not isinstance(self.id, str):

@@ -223,7 +223,7 @@ def execute_task(task: RunTask, *, progress: bool = False, wait: bool = False, w
     """
     from filelock import FileLock, Timeout
 
-    from .results import build_manifest, read_valid_result
+    from .records import build_manifest, read_valid_result
     from .train import TrainingDiverged, train_model
 
     ranks = distributed if distributed is not None and distributed.world_size > 1 else None

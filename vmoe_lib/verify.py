@@ -132,7 +132,8 @@ def verify_chapter(chapter: str, preset: str = "cpu", *, sample: int = 1, seed: 
     from .train import TrainConfig
 
     check_positive("sample", sample)
-    module = get_chapter(chapter)
+    plan = get_chapter(chapter).plan(preset)
+    own = {spec.stored_as or spec.name: spec for spec in plan.specs if spec.chapter == chapter}
     folder = results_root() / preset / chapter
     files = sorted(p for p in folder.glob("*__s*.json"))
     if not files:
@@ -141,7 +142,6 @@ def verify_chapter(chapter: str, preset: str = "cpu", *, sample: int = 1, seed: 
         raise ConfigError(f"sample={sample} is larger than the {len(files)} recorded runs of {chapter}/{preset}")
     chosen = sorted(random.Random(seed).sample(files, sample))
     payloads = {p: json.loads(p.read_text()) for p in files}
-    options = module.run_options(preset) if hasattr(module, "run_options") else {}
     checks = []
     with tempfile.TemporaryDirectory(prefix="vmoe-verify-") as scratch:
         for path in chosen:
@@ -149,12 +149,13 @@ def verify_chapter(chapter: str, preset: str = "cpu", *, sample: int = 1, seed: 
             threads = int(manifest["hardware"].get("torch_threads") or 1)
             pinned = bool((manifest.get("numerics") or {}).get("pinned", False))
             hash_extra = manifest.get("hash_extra")
-            if hash_extra != options.get("hash_extra"):
-                raise ConfigError(f"{path.name} was made with settings {hash_extra!r} that the chapter's preset no longer "
-                                  f"uses ({options.get('hash_extra')!r}); it is stale, not verifiable")
+            spec = own.get(manifest["run"])
+            if spec is None or spec.key != manifest["config_hash"]:
+                raise ConfigError(f"{path.name} is no run of the chapter's {preset!r} preset as it stands (its config or "
+                                  f"probe settings {hash_extra!r} changed since): it is stale, not verifiable")
             task = RunTask(chapter, preset, manifest["run"], int(manifest["seed"]), TrainConfig.from_dict(manifest["config"]),
                            manifest["config_hash"], Path(scratch) / "results" / path.name, Path(scratch) / "cache",
-                           hash_extra=hash_extra, extra_eval=options.get("extra_eval"), device=record.get("device", "cpu"))
+                           hash_extra=hash_extra, extra_eval=spec.extra_eval, device=record.get("device", "cpu"))
             # A record trained data-parallel (the torchrun executor) is rerun the same way: the same number of
             # processes sums in the same order, so its rerun can be identical; one process could not be.
             world = int((record.get("distributed") or {}).get("world_size", 1))

@@ -1,25 +1,26 @@
-"""One experiment module per book chapter: presets, the sweep, tables, figures and verdicts.
+"""The book's chapters: one :class:`~vmoe_lib.chapters.base.Chapter` per notebook (presets, runs, claims, figures).
 
-``CHAPTERS`` maps a chapter's name (its results folder and CLI name) to its module.
+``CHAPTERS`` maps a chapter's name (its results folder and CLI name) to the chapter; a notebook gets its chapter
+with ``vl.chapters.get_chapter("placement")``. :mod:`vmoe_lib.chapters.base` holds the machinery every chapter
+shares, :mod:`~vmoe_lib.chapters.recipes` the training recipes and :mod:`~vmoe_lib.chapters.probes` the
+post-training measurements.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from ..errors import check_choice
-from . import recipes, dense_baselines, routers_bpr, placement
+from . import base, probes, recipes, dense_baselines, routers_bpr, placement
+from .base import Chapter
 
-__all__ = ["CHAPTERS", "get_chapter", "recipes", "dense_baselines", "routers_bpr", "placement"]
+__all__ = ["CHAPTERS", "get_chapter", "Chapter", "base", "probes", "recipes", "dense_baselines", "routers_bpr",
+           "placement"]
 
-CHAPTERS: dict[str, ModuleType] = {
-    dense_baselines.NAME: dense_baselines,
-    routers_bpr.NAME: routers_bpr,
-    placement.NAME: placement,
+CHAPTERS: dict[str, Chapter] = {
+    c.name: c for c in (dense_baselines.chapter, routers_bpr.chapter, placement.chapter)
 }
 
 
-def get_chapter(name: str) -> ModuleType:
-    """The experiment module of chapter ``name``."""
+def get_chapter(name: str) -> Chapter:
+    """The chapter called ``name`` (its results folder and CLI name), e.g. ``get_chapter("placement")``."""
     check_choice("chapter", name, list(CHAPTERS))
     return CHAPTERS[name]

@@ -1,39 +1,66 @@
-"""What every chapter's experiment module shares: presets and the run entry point.
+"""The chapter machinery: a chapter declares its presets, runs, claims and figures; this module does the rest.
 
-A chapter module (one per notebook) defines
+A chapter is a :class:`Chapter` subclass in its own module, with one instance registered in
+:data:`vmoe_lib.chapters.CHAPTERS` (a notebook gets it with ``vl.chapters.get_chapter("placement")``). It declares
 
-* ``NAME`` — its results folder name, e.g. ``"dense_baselines"``;
-* ``PRESETS`` — ``{"smoke": Preset, "cpu": Preset, "gpu": Preset}``;
-* ``experiment(preset) -> dict[str, TrainConfig]`` — the sweep;
-* ``run(preset, seeds=None, device="auto", overrides=None, progress=True, **sweep) -> ChapterResults``,
-  where ``sweep`` holds :func:`run_sweep`'s ``workers``/``executor``/``slurm``;
-* analysis functions the notebook calls (tables, figures, verdicts).
+* ``name``, ``title`` and ``presets`` (``smoke``, ``cpu``, ``gpu``: :class:`Preset`);
+* :meth:`Chapter.runs` — the runs of a preset (:class:`Run`: a config, its seeds of record, the probe that measures
+  it after training, and the chapter it may be read from instead of trained: ``borrow_from``);
+* :meth:`Chapter.claims` — its claims, pre-registered (:class:`~vmoe_lib.stats.Claim`), each with the
+  :class:`Measure` that computes its test from the runs (:class:`SeedPaired`, :class:`PerImage`, :class:`Bypassed`,
+  or one of the chapter's own);
+* ``primary`` — the claims whose contrasts the ``cpu`` preset was sized for (the power note);
+* the tables and figures only it has.
+
+Everything else is shared and flows one way, preset → plan → sweep → results → verdicts → page:
+
+* :meth:`Chapter.plan` resolves a preset once into a :class:`Plan` — every run with its seeds, where its records
+  live (this chapter's folder, or the chapter it is borrowed from) and its probe;
+* :meth:`Chapter.run` loads the plan's results and trains whatever is missing, every run from one queue
+  (:func:`vmoe_lib.results.load_runs`), so no worker idles between runs of different seed counts;
+* :meth:`Chapter.verdicts` decides the claims by the book's one rule and writes ``verdicts.json``;
+* :meth:`Chapter.power_frame` / :meth:`Chapter.power_note`, :meth:`Chapter.control_table`,
+  :meth:`Chapter.routing_table`, :meth:`Chapter.own_runs`, :meth:`Chapter.wall_minutes`,
+  :meth:`Chapter.run_table` and :meth:`Chapter.preset_table`; provenance is :func:`vmoe_lib.book.provenance`.
+
+The book's "Adding a chapter" page (``book/adding_a_chapter.md``) walks through a new chapter.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
+from ..analysis import bypass_correct_of, correct_of, load_cv, routing_of
 from ..errors import ConfigError, check_choice
-from ..results import RunResult
+from ..results import RunResult, RunSpec, load_runs, regenerate_command, results_root
+from ..stats import (Claim, TestResult, VerdictRecord, decide_family, mcnemar, mde, noninferiority, paired_bootstrap,
+                     paired_t, power_table, seeds_for_mde, tost, write_verdict_records)
+from ..sweep import EXECUTORS, resolve_workers
 from ..train import TrainConfig
 
 __all__ = [
-    "Preset", "ChapterResults", "select_preset", "apply_overrides", "results_preset", "preset_frame", "run_sweep",
-    "parse_seeds", "parse_overrides", "sweep_wall_minutes",
+    "Preset", "Run", "Plan", "Chapter", "ChapterResults", "Measure", "SeedPaired", "PerImage", "Bypassed",
+    "select_preset", "apply_overrides", "results_preset", "preset_frame", "parse_seeds", "parse_overrides",
+    "sweep_wall_minutes", "routing_at",
 ]
 
 
+# ----------------------------------------------------------------------------------------------- declarations
 @dataclass(frozen=True)
 class Preset:
-    """A named size of a chapter's experiment, with the hardware and time it was sized for."""
+    """A named size of a chapter's experiment, with the hardware and time it was sized for.
+
+    ``seeds`` are the seeds of record of every run that does not name its own; ``settings`` hold whatever the
+    chapter's :meth:`Chapter.runs` reads (models, epochs, data subsets...).
+    """
 
     name: str
     description: str
@@ -43,20 +70,82 @@ class Preset:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One run a chapter shows.
+
+    Args:
+        name: its name in the chapter (tables, figures, claims' contrasts).
+        config: what trains.
+        seeds: its seeds of record (``None``: the preset's).
+        probe: a post-training measurement stored in the record (an object with ``__call__(model, data, device)``
+            and ``settings()``; see :mod:`vmoe_lib.chapters.probes`). Its settings enter the results key.
+        borrow_from: a chapter (its name) whose preset of the same name has a run of the same results key
+            (config and probe) and at least these seeds: the run is then read from that chapter's results
+            (trained there if missing), never trained twice. Where that chapter has no such run, it is this
+            chapter's own.
+    """
+
+    name: str
+    config: TrainConfig
+    seeds: tuple[int, ...] | None = None
+    probe: Any = None
+    borrow_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A preset resolved once: every run with its seeds, the folder holding its records and its probe.
+
+    ``specs`` are in training order (the chapter's declared order); ``folder`` is ``results/<folder>/``: the
+    preset's own name, or ``custom`` with overrides; ``of_record`` is whether these are the preset's results of
+    record (its own seeds, complete, no overrides).
+    """
+
+    chapter: str
+    preset: Preset
+    folder: str
+    specs: tuple[RunSpec, ...]
+    of_record: bool
+
+    def spec(self, name: str) -> RunSpec:
+        """The run called ``name``."""
+        for s in self.specs:
+            if s.name == name:
+                return s
+        check_choice("run", name, [s.name for s in self.specs])
+        raise AssertionError  # unreachable
+
+    def configs(self) -> dict[str, TrainConfig]:
+        """Run name -> config, in training order."""
+        return {s.name: s.config for s in self.specs}
+
+    def seeds_of(self, name: str) -> tuple[int, ...]:
+        """The seeds run ``name`` trains with."""
+        return self.spec(name).seeds
+
+    def borrowed(self) -> dict[str, tuple[str, str]]:
+        """Runs read from another chapter: this chapter's name -> (that chapter, the run's name there)."""
+        return {s.name: (s.chapter, s.stored_as or s.name) for s in self.specs if s.chapter != self.chapter}
+
+
 @dataclass
 class ChapterResults:
-    """A chapter's runs for one preset, as returned by its ``run`` function."""
+    """A chapter's runs for one preset, as :meth:`Chapter.run` returns them.
+
+    ``preset`` is the results folder (``cpu``, ``gpu``, ``smoke`` or ``custom``); ``plan`` the plan they came from
+    (its preset names the claims that apply, also for ``custom`` results).
+    """
 
     chapter: str
     preset: str
     results: list[RunResult]
     of_record: bool = True  # the preset's own seeds, complete, without overrides
+    plan: Plan | None = None
 
     def verdicts_path(self) -> Path:
         """Where this sweep's verdicts go: the preset's ``verdicts.json`` of record only for the preset's own,
         complete seed list without overrides; ``results/custom/<chapter>/verdicts.json`` otherwise."""
-        from ..results import results_root
-
         return results_root() / (self.preset if self.of_record else "custom") / self.chapter / "verdicts.json"
 
     def by_name(self) -> dict[str, list[RunResult]]:
@@ -77,7 +166,91 @@ class ChapterResults:
         """The final ``metric`` of every seed of run ``name`` (empty if the sweep has no such run)."""
         return [float(r.final[metric]) for r in self.results if r.name == name]
 
+    def runs_of(self, name: str) -> list[RunResult]:
+        """The stored seeds of run ``name``, in seed order."""
+        return sorted((r for r in self.results if r.name == name), key=lambda r: r.seed)
 
+
+# ----------------------------------------------------------------------------------------------- measures
+class Measure:
+    """How a claim's test is computed from a chapter's runs: ``measure(claim, results) -> TestResult | None``.
+
+    ``None`` means the runs it needs are missing (the claim is then inconclusive). Measures are frozen dataclasses
+    declared inside the claim (``Claim(..., measure=SeedPaired("a", "b"))``), so a claim says what it reads.
+    """
+
+    def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _seed_paired_test(claim: Claim, a: Sequence[float], b: Sequence[float]) -> TestResult | None:
+    """The claim's test (``paired_t``, ``noninferiority`` or ``tost``) on per-seed values paired by seed."""
+    if len(a) < 2:
+        return None
+    if claim.test == "noninferiority":
+        return noninferiority(a, b, margin=claim.min_effect, paired=True)
+    if claim.test == "tost":
+        return tost(a, b, margin=claim.min_effect, paired=True)
+    if claim.test != "paired_t":
+        raise ConfigError(f"claim {claim.id!r}: test={claim.test!r} cannot read seed-paired values; use paired_t, "
+                          f"noninferiority or tost")
+    return paired_t(a, b, direction=claim.direction)
+
+
+@dataclass(frozen=True)
+class SeedPaired(Measure):
+    """The final ``metric`` of runs ``a`` and ``b`` on the seeds both have, paired by seed (same data order and
+    initial RNG), tested by the claim's test: ``paired_t``, ``noninferiority`` or ``tost``."""
+
+    a: str
+    b: str
+    metric: str = "test_accuracy"
+
+    def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:
+        va, vb = results.paired(self.a, self.b, self.metric)
+        return _seed_paired_test(claim, va, vb)
+
+
+def _stacked_correct(results: ChapterResults, name: str, seeds: Sequence[int] | None = None) -> np.ndarray | None:
+    runs = [r for r in results.runs_of(name) if seeds is None or r.seed in seeds]
+    if not runs or not all(r.record.get("predictions") for r in runs):
+        return None
+    return np.stack([correct_of(r) for r in runs])
+
+
+@dataclass(frozen=True)
+class PerImage(Measure):
+    """Per test image: which images runs ``a`` and ``b`` got right, on the seeds both have, tested by the claim's
+    test: ``mcnemar`` (discordant images pooled over seeds) or ``paired_bootstrap`` (images resampled)."""
+
+    a: str
+    b: str
+
+    def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:
+        seeds = sorted({r.seed for r in results.runs_of(self.a)} & {r.seed for r in results.runs_of(self.b)})
+        ca, cb = _stacked_correct(results, self.a, seeds), _stacked_correct(results, self.b, seeds)
+        if ca is None or cb is None or not seeds:
+            return None
+        if claim.test == "paired_bootstrap":
+            return paired_bootstrap(ca, cb, direction=claim.direction)
+        return mcnemar(ca, cb, direction=claim.direction)
+
+
+@dataclass(frozen=True)
+class Bypassed(Measure):
+    """The positive control of an MoE run: per test image, right as trained vs right with every MoE layer bypassed
+    at inference (McNemar, discordant images pooled over seeds). Positive: the weight the experts carry."""
+
+    run: str
+
+    def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:
+        runs = results.runs_of(self.run)
+        if not runs or not all(r.record.get("moe_bypass") and r.record.get("predictions") for r in runs):
+            return None
+        return mcnemar(np.stack([correct_of(r) for r in runs]), np.stack([bypass_correct_of(r) for r in runs]))
+
+
+# ----------------------------------------------------------------------------------------------- overrides, seeds
 def select_preset(presets: Mapping[str, Preset], name: str) -> Preset:
     """The preset called ``name``; :class:`ConfigError` listing the allowed names otherwise."""
     check_choice("preset", name, list(presets))
@@ -190,59 +363,6 @@ def preset_frame(presets: Mapping[str, Preset]) -> pd.DataFrame:
     ).set_index("preset")
 
 
-def run_sweep(
-    chapter: str,
-    presets: Mapping[str, Preset],
-    experiment: Callable[[str], Mapping[str, TrainConfig]],
-    preset: str,
-    *,
-    seeds: Sequence[int] | str | int | None = None,
-    device: str = "auto",
-    overrides: Mapping[str, Any] | str | None = None,
-    progress: bool = True,
-    extra_eval: Callable | None = None,
-    hash_extra: Mapping[str, Any] | None = None,
-    workers: int | str = 1,
-    executor: str = "local",
-    slurm: Mapping[str, Any] | None = None,
-    record_seeds: Sequence[int] | None = None,
-) -> ChapterResults:
-    """What every chapter's ``run`` does: load the preset's results, training whatever is missing.
-
-    Args:
-        seeds: ``None`` uses the preset's; a list, an int or a string such as ``"0,1"`` (see
-            :func:`parse_seeds`). Verdicts of record are only written for the preset's own seed list.
-        overrides: ``TrainConfig`` fields changed in every config (nested dicts merge); the results
-            go to ``results/custom``. A JSON string is parsed.
-        workers: parallel worker processes of the ``local`` executor (an int or ``"auto"``).
-        executor: ``local`` (pinned worker processes, the default), ``inline`` or ``slurm``
-            (see :mod:`vmoe_lib.sweep`).
-        slurm: options of the ``slurm`` executor.
-        extra_eval, hash_extra: as in :func:`vmoe_lib.results.load_or_run`.
-        record_seeds: the seeds of record of these runs when they are not the preset's (a chapter
-            that trains some runs with fewer seeds); ``seeds=None`` then uses them.
-    """
-    from ..results import load_or_run
-    from ..sweep import EXECUTORS, resolve_workers
-
-    p = select_preset(presets, preset)
-    seeds = parse_seeds(seeds)
-    overrides = parse_overrides(overrides)
-    check_choice("executor", executor, EXECUTORS)
-    resolve_workers(workers, device)  # a bad value fails here, before anything loads
-    configs = apply_overrides(experiment(preset), overrides)
-    folder = results_preset(preset, overrides)
-    own = list(record_seeds) if record_seeds is not None else list(p.seeds)
-    chosen = list(seeds) if seeds else own
-    of_record = not overrides and sorted(chosen) == sorted(own)
-    results = load_or_run(chapter, folder, configs, chosen, device=device, progress=progress, extra_eval=extra_eval,
-                          hash_extra=hash_extra, executor=executor, workers=workers, slurm=slurm)
-    if not of_record and folder != "custom":
-        print(f"seeds {chosen} are not preset {preset!r}'s own {own}: verdicts go to results/custom/{chapter}/, "
-              f"not to the verdicts of record", flush=True)
-    return ChapterResults(chapter, folder, results, of_record=of_record)
-
-
 def sweep_wall_minutes(results: Sequence[RunResult]) -> float:
     """Wall minutes the sweep that made ``results`` took: from the start of its first run to the end of its
     last (each manifest holds when its run finished and how long its worker session took).
@@ -263,3 +383,284 @@ def sweep_wall_minutes(results: Sequence[RunResult]) -> float:
     if not spans:
         return float("nan")
     return (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds() / 60
+
+
+def _probe_hash(probe: Any) -> dict[str, Any] | None:
+    return {"probe": probe.settings()} if probe is not None else None
+
+
+# ----------------------------------------------------------------------------------------------- the chapter
+class Chapter:
+    """What every chapter shares; a chapter subclasses it and declares its presets, runs and claims.
+
+    Subclasses set ``name``, ``title`` and ``presets`` and implement :meth:`runs` and :meth:`claims`; ``primary``
+    names the claims whose contrasts the ``cpu`` preset was sized for (:meth:`power_note`), ``power_target`` the
+    MDE it aims at (points).
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str] = ""
+    presets: ClassVar[dict[str, Preset]]
+    primary: ClassVar[tuple[str, ...]] = ()
+    power_target: ClassVar[float] = 0.5
+
+    # -- what a chapter declares ------------------------------------------------------------------------------
+    def runs(self, preset: Preset) -> list[Run]:
+        """The runs of ``preset``, in training order (costlier first keeps the sweep's tail short)."""
+        raise NotImplementedError
+
+    def claims(self, preset: str) -> list[Claim]:
+        """The chapter's claims for ``preset``, declared before any result is read, each with its measure."""
+        raise NotImplementedError
+
+    def display_order(self, names: Sequence[str]) -> list[str]:
+        """The order runs are shown in (default: as declared)."""
+        return list(names)
+
+    # -- preset -> plan -----------------------------------------------------------------------------------------
+    def preset(self, name: str) -> Preset:
+        """The preset called ``name`` (a clear error listing the chapter's presets otherwise)."""
+        return select_preset(self.presets, name)
+
+    def plan(self, preset: str, seeds: Any = None, overrides: Any = None) -> Plan:
+        """Resolve ``preset`` once: every run with its seeds, its folder (borrowed or own) and its probe.
+
+        ``seeds`` (a list, an int, a string such as ``"0,1"``; see :func:`parse_seeds`) replaces every run's seeds;
+        ``overrides`` (``TrainConfig`` fields, nested dicts merged; a JSON string is parsed) change every config
+        and send the results to ``results/custom/``.
+        """
+        p = self.preset(preset)
+        seeds = parse_seeds(seeds)
+        overrides = parse_overrides(overrides)
+        declared = self.runs(p)
+        names = [r.name for r in declared]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"chapter {self.name!r} declares run names twice: {sorted({n for n in names if names.count(n) > 1})}")
+        configs = apply_overrides({r.name: r.config for r in declared}, overrides)
+        specs, of_record = [], not overrides
+        for r in declared:
+            own = tuple(r.seeds) if r.seeds is not None else tuple(p.seeds)
+            chosen = tuple(seeds) if seeds else own
+            of_record = of_record and sorted(chosen) == sorted(own)
+            owner, stored_as = self._lender(r, preset, own)
+            probe = r.probe if owner == self.name else None
+            specs.append(RunSpec(r.name, configs[r.name], chosen, owner, stored_as=stored_as, extra_eval=probe,
+                                 hash_extra=_probe_hash(probe)))
+        return Plan(self.name, p, results_preset(preset, overrides), tuple(specs), of_record)
+
+    def _lender(self, run: Run, preset: str, seeds: tuple[int, ...]) -> tuple[str, str | None]:
+        """(chapter holding the run's records, its name there): the chapter of ``borrow_from`` when its preset has
+        a run of the same key (no probe) with these seeds, else this chapter."""
+        if run.borrow_from is None:
+            return self.name, None
+        from . import get_chapter
+
+        lender = get_chapter(run.borrow_from)
+        if preset not in lender.presets:
+            return self.name, None
+        key = RunSpec(run.name, run.config, seeds, lender.name).key
+        for spec in lender.plan(preset).specs:
+            if spec.chapter == lender.name and spec.key == key and set(seeds) <= set(spec.seeds):
+                return lender.name, spec.name
+        return self.name, None
+
+    def experiment(self, preset: str) -> dict[str, TrainConfig]:
+        """The sweep of a preset: run name -> config, in training order."""
+        return self.plan(preset).configs()
+
+    def seeds_of(self, preset: str, name: str) -> tuple[int, ...]:
+        """The seeds of record of run ``name`` in ``preset``."""
+        return self.plan(preset).seeds_of(name)
+
+    def borrowed(self, preset: str) -> dict[str, str]:
+        """Runs of ``preset`` read from another chapter: this chapter's name -> the run's name there."""
+        return {name: there for name, (_, there) in self.plan(preset).borrowed().items()}
+
+    # -- plan -> sweep -> results -------------------------------------------------------------------------------
+    def run(self, preset: str = "smoke", seeds: Any = None, device: str = "auto", overrides: Any = None,
+            progress: bool = True, *, workers: int | str = 1, executor: str = "local",
+            slurm: Mapping[str, Any] | None = None) -> ChapterResults:
+        """Load the preset's results, training whatever is missing (unless results are required), all from one queue.
+
+        Args:
+            preset: ``smoke``, ``cpu`` or ``gpu`` (see :meth:`preset_table`).
+            seeds: ``None``: each run's seeds of record; or one list for every run (see :func:`parse_seeds`).
+                Verdicts of record are only written for the preset's own seeds.
+            device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+            overrides: ``TrainConfig`` fields changed in every config (nested dicts merge); results go to
+                ``results/custom``.
+            progress: one bar for the sweep, one line per worker.
+            workers: parallel worker processes of the ``local`` executor (an int or ``"auto"``).
+            executor: ``local`` (pinned worker processes, the default), ``inline``, ``slurm`` or ``torchrun``
+                (see :mod:`vmoe_lib.sweep`).
+            slurm: options of the ``slurm`` executor.
+        """
+        check_choice("executor", executor, EXECUTORS)
+        resolve_workers(workers, device)  # a bad value fails here, before anything loads
+        plan = self.plan(preset, seeds, overrides)
+        results = load_runs(plan.specs, plan.folder, device=device, progress=progress, executor=executor,
+                            workers=workers, slurm=slurm, regenerate=regenerate_command(self.name, preset))
+        if not plan.of_record and plan.folder != "custom":
+            print(f"seeds {list(plan.specs[0].seeds)} are not preset {preset!r}'s own: verdicts go to "
+                  f"results/custom/{self.name}/, not to the verdicts of record", flush=True)
+        order = {name: i for i, name in enumerate(self.display_order([s.name for s in plan.specs]))}
+        results.sort(key=lambda r: (order.get(r.name, len(order)), r.seed))
+        return ChapterResults(self.name, plan.folder, results, of_record=plan.of_record, plan=plan)
+
+    def preset_of(self, results: ChapterResults) -> str:
+        """The preset whose claims apply to ``results`` (``custom`` results: the preset they were planned from)."""
+        if results.plan is not None:
+            return results.plan.preset.name
+        return results.preset if results.preset in self.presets else "cpu"
+
+    # -- results -> verdicts ------------------------------------------------------------------------------------
+    def test_results(self, results: ChapterResults) -> dict[str, TestResult | None]:
+        """Each declared claim's test, computed by its measure from the stored runs (``None``: runs missing)."""
+        out: dict[str, TestResult | None] = {}
+        for claim in self.claims(self.preset_of(results)):
+            if claim.measure is None:
+                raise ConfigError(f"claim {claim.id!r} of chapter {self.name!r} declares no measure: say how its test "
+                                  f"is computed (e.g. measure=SeedPaired('a', 'b'))")
+            out[claim.id] = claim.measure(claim, results)
+        return out
+
+    def verdicts(self, results: ChapterResults, *, write: bool = True) -> list[VerdictRecord]:
+        """The chapter's claims decided by the book's rule (:mod:`vmoe_lib.stats`), written to ``verdicts.json``."""
+        out = decide_family(self.claims(self.preset_of(results)), self.test_results(results))
+        if write:
+            write_verdict_records(out, results.verdicts_path())
+        return out
+
+    # -- power ----------------------------------------------------------------------------------------------------
+    def power_designs(self, results: ChapterResults, tests: Mapping[str, TestResult | None] | None = None
+                      ) -> dict[str, tuple[float, bool]]:
+        """The designs of the power table: label -> (sd in points, paired). Default: every seed-paired contrast of
+        the claims (the sd of its per-seed differences), once per contrast."""
+        tests = self.test_results(results) if tests is None else tests
+        out: dict[str, tuple[float, bool]] = {}
+        for claim in self.claims(self.preset_of(results)):
+            r = tests.get(claim.id)
+            if r is not None and "sd_diff" in r.detail and claim.contrast not in out:
+                out[claim.contrast] = (float(r.detail["sd_diff"]), True)
+        return out
+
+    def power_frame(self, results: ChapterResults, target: float | None = None) -> pd.DataFrame:
+        """The power table: per design, the sd measured here and the MDE (points, one-sided alpha 0.05, 80 % power)
+        at several seed counts, and the seeds an MDE of ``target`` points needs."""
+        sds = self.power_designs(results)
+        return power_table(sds, target=self.power_target if target is None else target) if sds else pd.DataFrame()
+
+    def power_note(self, results: ChapterResults, target: float | None = None) -> str:
+        """Markdown: each primary contrast's MDE at this sweep's seeds, the seeds an MDE of ``target`` needs at the
+        measured sd, and what they would cost on this machine (the CPU minutes per seed of the runs trained on the
+        contrast's seeds, on 2 workers)."""
+        target = self.power_target if target is None else target
+        tests = self.test_results(results)
+        claims = {c.id: c for c in self.claims(self.preset_of(results))}
+        lines = []
+        for claim_id in self.primary:
+            r, claim = tests.get(claim_id), claims[claim_id]
+            if r is None or "sd_diff" not in r.detail:
+                lines.append(f"* `{claim_id}`: too few seeds here to measure its spread.")
+                continue
+            sd, n = float(r.detail["sd_diff"]), int(r.n)
+            need = seeds_for_mde(sd, target, paired=True)
+            reached = "meets" if mde(sd, n, paired=True) <= target else "misses"
+            per_seed, runs = self._minutes_per_seed(results, claim)
+            cost = (f"{need} seeds, about {need * per_seed / 2:.0f} min on 2 workers at {per_seed:.0f} CPU-min per seed "
+                    f"of the {runs} runs trained on its seeds" if need is not None else "more than 200 seeds")
+            lines.append(f"* `{claim_id}` ({claim.contrast}): MDE {mde(sd, n, paired=True):.2f} points with {n} seeds "
+                         f"(sd of the paired differences {sd:.2f}); it {reached} the {target:g}-point goal, which "
+                         f"needs {cost}.")
+        return "\n".join(lines)
+
+    def _minutes_per_seed(self, results: ChapterResults, claim: Claim) -> tuple[float, int]:
+        """CPU minutes per seed of this chapter's own runs trained on the seeds of the claim's arms, and how many."""
+        arms = [a for a in (getattr(claim.measure, "a", None), getattr(claim.measure, "b", None)) if a]
+        seeds = {r.seed for a in arms for r in results.runs_of(a)}
+        groups = {}
+        for r in self.own(results):
+            groups.setdefault(r.name, set()).add(r.seed)
+        names = [n for n, s in groups.items() if s == seeds] or list(groups)
+        mine = [r for r in self.own(results) if r.name in names]
+        n_seeds = max(1, len({r.seed for r in mine}))
+        return sum(float(r.record.get("wall_time_s", 0.0)) for r in mine) / 60 / n_seeds, len(names)
+
+    # -- own runs, wall time --------------------------------------------------------------------------------------
+    def own(self, results: ChapterResults) -> list[RunResult]:
+        """The runs this chapter trained (borrowed runs are another chapter's)."""
+        return [r for r in results.results if r.manifest.get("chapter") == self.name]
+
+    def own_runs(self, results: ChapterResults) -> int:
+        """How many of the runs shown this chapter trained."""
+        return len(self.own(results))
+
+    def wall_minutes(self, results: ChapterResults) -> float:
+        """Wall minutes of this chapter's own sweep (:func:`sweep_wall_minutes` over the runs it trained)."""
+        return sweep_wall_minutes(self.own(results))
+
+    # -- shared tables ---------------------------------------------------------------------------------------------
+    def preset_table(self) -> pd.DataFrame:
+        """The presets, their hardware and expected wall time (for the chapter header)."""
+        return preset_frame(self.presets)
+
+    def run_table(self, preset: str, columns: Sequence[str] = ()) -> pd.DataFrame:
+        """The runs of ``preset``: model, epochs, seeds, where their records come from, and the ``model_kwargs``
+        named in ``columns``."""
+        plan = self.plan(preset)
+        rows = {}
+        for s in plan.specs:
+            kwargs = s.config.model_kwargs or {}
+            rows[s.name] = {"model": s.config.model, "epochs": s.config.epochs, "seeds": len(s.seeds),
+                            "from": "this chapter" if s.chapter == self.name else f"{s.chapter} ({s.stored_as})",
+                            **{c: kwargs.get(c, "") for c in columns}}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def control_table(self, results: ChapterResults) -> pd.DataFrame:
+        """Per MoE run: test accuracy as trained and with every MoE layer bypassed at inference (mean over seeds), and
+        the cost of bypassing (points): the weight the experts carry."""
+        rows = {}
+        for name, runs in results.by_name().items():
+            if not all(r.record.get("moe_bypass") for r in runs):
+                continue
+            acc = np.mean([r.final["test_accuracy"] for r in runs]) * 100
+            bypass = np.mean([r.record["moe_bypass"]["accuracy"] for r in runs]) * 100
+            rows[name] = {"test acc. (%)": round(acc, 2), "MoE bypassed (%)": round(bypass, 2),
+                          "cost of bypassing (points)": round(acc - bypass, 2)}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def routing_table(self, results: ChapterResults, training_capacity: float | None = None) -> pd.DataFrame:
+        """Per MoE run and layer (mean over seeds, test set, as the probe recorded it): expert load CV, busiest and
+        idlest expert's share, tokens dropped at inference (and at ``training_capacity``, where the probe measured
+        it), gate entropy (nats; log E is uniform) and tokens processed by 0 / 1 / 2 / 3+ experts."""
+        rows = []
+        for name, runs in results.by_name().items():
+            first = routing_of(runs[0])
+            for layer in first:
+                per_seed = [routing_of(r)[layer] for r in runs if layer in routing_of(r)]
+                load = np.mean([s["expert_load"] for s in per_seed], axis=0)
+                entropy = [s["gate_entropy"] for s in per_seed if "gate_entropy" in s]
+                hist = np.mean([s["experts_per_token_hist"] for s in per_seed], axis=0)
+                row = {"run": name, "layer": per_seed[0]["layer"],
+                       "load CV": round(float(np.mean([load_cv(s["expert_load"]) for s in per_seed])), 3),
+                       "busiest expert (%)": round(100 * float(load.max()), 1),
+                       "idlest expert (%)": round(100 * float(load.min()), 1),
+                       "dropped at inference (%)": round(100 * float(np.mean([s["dropped_fraction"] for s in per_seed])), 2)}
+                if training_capacity is not None:
+                    at = [routing_at(r, training_capacity).get(layer, {}).get("dropped_fraction") for r in runs]
+                    row[f"dropped at cf {training_capacity:g} (%)"] = (round(100 * float(np.mean(at)), 1)
+                                                                      if at and None not in at else None)
+                row["gate entropy (nats)"] = round(float(np.mean(entropy)), 3) if entropy else None
+                row["tokens with 0/1/2/3+ experts (%)"] = " / ".join(f"{100 * v:.0f}" for v in (*hist[:3], hist[3:].sum()))
+                rows.append(row)
+        return pd.DataFrame(rows).set_index(["run", "layer"]) if rows else pd.DataFrame()
+
+    def __repr__(self) -> str:
+        return f"<chapter {self.name!r}: {self.title}>"
+
+
+def routing_at(result: RunResult, capacity_factor: float) -> dict[str, dict[str, Any]]:
+    """The routing statistics a probe measured at an inference capacity factor (``{}`` if not measured; see
+    :class:`~vmoe_lib.chapters.probes.RoutingStatsProbe`)."""
+    at = (result.record.get("extra") or {}).get("routing_at_capacity", {})
+    return at.get(f"{float(capacity_factor):g}", {}).get("routing", {})

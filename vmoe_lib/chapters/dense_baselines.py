@@ -12,12 +12,12 @@ and seeds. For each candidate the chapter measures, from the stored runs:
   (:func:`~vmoe_lib.models.moe_utils.bypass_moe`) — the weight the experts carry;
 * the CPU minutes per run with the parallel executor.
 
-The test bed of record is chosen by :func:`choose_test_bed`, a rule fixed before the runs were
+The test bed of record is chosen by :meth:`DenseBaselines.choose_test_bed`, a rule fixed before the runs were
 read: among the ViT candidates whose positive control is reproduced, the one with the highest
 resolution per CPU hour, ``gain / sd / sqrt(hours per run)`` (the t-statistic a paired comparison
 reaches per square root of CPU hour); ConvNeXt likewise among its candidates.
 
-Claims (pre-registered as :data:`CLAIMS`, decided by :mod:`vmoe_lib.stats`):
+Claims (pre-registered in :meth:`DenseBaselines.claims`, decided by :mod:`vmoe_lib.stats`):
 
 * ``experts_carry_weight_<candidate>`` — bypassing the MoE layers costs at least 1 point
   (positive control of the candidate; per-image McNemar pooled over seeds);
@@ -28,23 +28,23 @@ Claims (pre-registered as :data:`CLAIMS`, decided by :mod:`vmoe_lib.stats`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import math
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..analysis import bypass_correct_of, correct_of, format_mean_sd, summary_table
+from ..analysis import format_mean_sd, summary_table
 from ..plots import _color, style
-from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
-from ..train import TrainConfig
-from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
+from ..stats import Claim, seeds_for_mde
+from .base import Bypassed, Chapter, ChapterResults, Preset, Run, SeedPaired
 from .recipes import SMOKE_DATA, TEST_BED_MOE, Candidate, cifar_recipe, fashion_mnist_recipe
 
+__all__ = ["NAME", "PRESETS", "DenseBaselines", "chapter"]
+
 NAME = "dense_baselines"
+
 
 def _candidates(vit: str, convnext: str, vit_epochs: Sequence[int], conv_epochs: Sequence[int]) -> tuple[Candidate, ...]:
     out = [Candidate(f"{vit.split('_patch')[0]}_{tag}_e{e}", "vit", vit, placement, e)
@@ -88,347 +88,261 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def candidates(preset: str) -> tuple[Candidate, ...]:
-    """The test-bed candidates of a preset."""
-    return tuple(select_preset(PRESETS, preset).settings["candidates"])
-
-
-def experiment(preset: str) -> dict[str, TrainConfig]:
-    """The sweep of a preset: run name -> config (each candidate's dense model, once per epoch count, and its MoE model)."""
-    p = select_preset(PRESETS, preset)
-    s = {k: v for k, v in p.settings.items() if k not in ("candidates", "seeds_by_family")}
-    out: dict[str, TrainConfig] = {}
-    for c in p.settings["candidates"]:
-        moe_kwargs = {"moe_layers": c.placement, **TEST_BED_MOE}
-        if preset == "gpu":
-            dense = cifar_recipe(c.dense, epochs=c.epochs, **s)
-            moe = cifar_recipe(f"vmoe_{c.dense}", epochs=c.epochs, model_kwargs=moe_kwargs, **s)
-        else:
-            dense = fashion_mnist_recipe(c.dense, epochs=c.epochs, **s)
-            moe = fashion_mnist_recipe(f"vmoe_{c.dense}", epochs=c.epochs, model_kwargs=moe_kwargs, **s)
-        out.setdefault(c.dense_run, dense)
-        out[c.moe_run] = moe
-    return out
-
-
-def seeds_of(preset: str, run_name: str) -> tuple[int, ...]:
-    """The seeds a run of the preset is trained with (ConvNeXt runs may use fewer, see the preset)."""
-    p = select_preset(PRESETS, preset)
-    by_family = p.settings.get("seeds_by_family", {})
-    family = "convnext" if "convnext" in experiment(preset)[run_name].model else "vit"
-    return tuple(by_family.get(family, p.seeds))
-
-
-def run(
-    preset: str = "smoke",
-    seeds: Sequence[int] | None = None,
-    device: str = "auto",
-    overrides: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    **sweep: Any,
-) -> ChapterResults:
-    """Load the preset's results, training whatever is missing (unless results are required).
-
-    With ``seeds=None`` each run gets its seeds of record (:func:`seeds_of`); a seed list applies to every run.
-    ``sweep`` holds :func:`~vmoe_lib.chapters.base.run_sweep`'s ``workers``, ``executor`` and ``slurm``.
-    """
-    configs = experiment(preset)
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for name in configs:
-        groups.setdefault(seeds_of(preset, name), []).append(name)
-    parts = []
-    for own, names in groups.items():
-        parts.append(run_sweep(NAME, PRESETS, lambda p, names=names: {n: experiment(p)[n] for n in names}, preset,
-                               seeds=seeds, device=device, overrides=overrides, progress=progress, record_seeds=own,
-                               **run_options(preset), **sweep))
-    return ChapterResults(NAME, parts[0].preset, [r for part in parts for r in part.results],
-                          of_record=all(part.of_record for part in parts))
-
-
-def run_options(preset: str) -> dict[str, Any]:
-    """What a run of this chapter needs beyond its config (none here; see ``routers_bpr.run_options``)."""
-    return {}
-
-
-def preset_table() -> pd.DataFrame:
-    """The presets, their hardware and expected wall time (for the chapter header)."""
-    return preset_frame(PRESETS)
-
-
-def model_table(results: ChapterResults) -> pd.DataFrame:
-    """Per model: size, FLOPs, measured throughput and accuracy (mean and std over seeds, in %).
-
-    Throughput is per epoch, averaged over seeds: the median epoch and the best one. They differ
-    when other jobs shared the machine during a run; the best epoch is the closest to an idle machine.
-    """
-    table = summary_table(results.results)
-    out = pd.DataFrame(index=table.index)
-    out["params (k)"] = (table["params_total"] / 1e3).round(1)
-    out["MFLOPs / image"] = (table["flops_per_image"] / 1e6).round(2)
-    out["train img/s (median epoch)"] = table["images_per_s"].round(0)
-    out["train img/s (best epoch)"] = table["images_per_s_best"].round(0)
-    out["minutes / run"] = (table["wall_time_s"] / 60).round(1)
-    out["seeds"] = table["seeds"]
-    for split in ("val", "test"):
-        out[f"{split} acc. (%)"] = [
-            format_mean_sd(m * 100, s * 100)
-            for m, s in zip(table[f"{split}_accuracy_mean"], table[f"{split}_accuracy_std"])
-        ]
-    return out
-
-
-
-
-# ----------------------------------------------------------------------------------- claims
 FAMILY = NAME
 CONTROL_MIN_EFFECT = 1.0
 GAIN_MIN_EFFECT = 0.5
 
 
-def claims(preset: str) -> list[Claim]:
-    """The chapter's claims for a preset, declared before any result is read."""
-    out: list[Claim] = []
-    for c in candidates(preset):
-        control = f"experts_carry_weight_{c.name}"
-        out.append(Claim(
-            id=control,
-            claim=f"Bypassing every MoE layer of {c.moe_run} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
-            source="positive control (resolution issue): the weight the experts carry",
-            contrast=f"{c.moe_run} vs the same models with MoE layers bypassed", test="mcnemar",
-            min_effect=CONTROL_MIN_EFFECT,
-            min_effect_why="the papers' routing effects are 0.3-1 point; experts that carry less than 1 point cannot show them",
-            family=f"{FAMILY}:controls", paired=True,
-        ))
-        out.append(Claim(
-            id=f"moe_vs_dense_{c.name}",
-            claim=f"The MoE model ({c.moe_run}) beats its dense model ({c.dense_run}) at equal activated FLOPs",
-            source="V-MoE (Riquelme et al., arXiv:2106.05974, Sec. 3); sweet-spot study (arXiv:2411.18322, Sec. 4)",
-            contrast=f"{c.moe_run} vs {c.dense_run}", test="paired_t", min_effect=GAIN_MIN_EFFECT,
-            min_effect_why="tiny MoE ViTs gain +0.5 to +1 point over dense ones (arXiv:2411.18322); the low end",
-            family=FAMILY, paired=True, control=control,
-        ))
-    vit = [c for c in candidates(preset) if c.family == "vit"]
-    conv = [c for c in candidates(preset) if c.family == "convnext"]
-    if vit and conv:
-        v, k = vit[0], conv[0]
-        out.append(Claim(
-            id="convnet_prior",
-            claim=f"On small data a ConvNeXt ({k.dense_run}) beats a ViT trained as long ({v.dense_run})",
-            source="ViT (Dosovitskiy et al., arXiv:2010.11929, Sec. 4.2 and Fig. 3)",
-            contrast=f"{k.dense_run} vs {v.dense_run}", test="paired_t", min_effect=1.0,
-            min_effect_why="ViT's Fig. 3: ResNets lead ViTs by several points when pre-trained on the smallest sets; "
-                           "1 point is a conservative floor",
-            family=FAMILY, paired=True,
-        ))
-    return out
+class DenseBaselines(Chapter):
+    """Chapter 0: dense baselines and the test bed (see the module's docstring)."""
+
+    name = NAME
+    title = "Dense baselines and the test bed"
+    presets = PRESETS
+
+    def candidates(self, preset: str) -> tuple[Candidate, ...]:
+        """The test-bed candidates of a preset."""
+        return tuple(self.preset(preset).settings["candidates"])
+
+    def runs(self, preset: Preset) -> list[Run]:
+        """Each candidate's dense model (once per model and epoch count) and its MoE model; ConvNeXt runs may have
+        fewer seeds (the preset's ``seeds_by_family``)."""
+        s = {k: v for k, v in preset.settings.items() if k not in ("candidates", "seeds_by_family")}
+        by_family = preset.settings.get("seeds_by_family", {})
+        out: dict[str, Run] = {}
+        for c in preset.settings["candidates"]:
+            moe_kwargs = {"moe_layers": c.placement, **TEST_BED_MOE}
+            if preset.name == "gpu":
+                dense = cifar_recipe(c.dense, epochs=c.epochs, **s)
+                moe = cifar_recipe(f"vmoe_{c.dense}", epochs=c.epochs, model_kwargs=moe_kwargs, **s)
+            else:
+                dense = fashion_mnist_recipe(c.dense, epochs=c.epochs, **s)
+                moe = fashion_mnist_recipe(f"vmoe_{c.dense}", epochs=c.epochs, model_kwargs=moe_kwargs, **s)
+            seeds = tuple(by_family[c.family]) if c.family in by_family else None
+            out.setdefault(c.dense_run, Run(c.dense_run, dense, seeds))
+            out[c.moe_run] = Run(c.moe_run, moe, seeds)
+        return list(out.values())
+
+    def claims(self, preset: str) -> list[Claim]:
+        """The chapter's claims for a preset, declared before any result is read."""
+        out: list[Claim] = []
+        cands = self.candidates(preset)
+        for c in cands:
+            control = f"experts_carry_weight_{c.name}"
+            out.append(Claim(
+                id=control,
+                claim=f"Bypassing every MoE layer of {c.moe_run} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
+                source="positive control (resolution issue): the weight the experts carry",
+                contrast=f"{c.moe_run} vs the same models with MoE layers bypassed", test="mcnemar",
+                min_effect=CONTROL_MIN_EFFECT,
+                min_effect_why="the papers' routing effects are 0.3-1 point; experts that carry less than 1 point cannot show them",
+                family=f"{FAMILY}:controls", paired=True, measure=Bypassed(c.moe_run),
+            ))
+            out.append(Claim(
+                id=f"moe_vs_dense_{c.name}",
+                claim=f"The MoE model ({c.moe_run}) beats its dense model ({c.dense_run}) at equal activated FLOPs",
+                source="V-MoE (Riquelme et al., arXiv:2106.05974, Sec. 3); sweet-spot study (arXiv:2411.18322, Sec. 4)",
+                contrast=f"{c.moe_run} vs {c.dense_run}", test="paired_t", min_effect=GAIN_MIN_EFFECT,
+                min_effect_why="tiny MoE ViTs gain +0.5 to +1 point over dense ones (arXiv:2411.18322); the low end",
+                family=FAMILY, paired=True, control=control, measure=SeedPaired(c.moe_run, c.dense_run),
+            ))
+        vit = [c for c in cands if c.family == "vit"]
+        conv = [c for c in cands if c.family == "convnext"]
+        if vit and conv:
+            v, k = vit[0], conv[0]
+            out.append(Claim(
+                id="convnet_prior",
+                claim=f"On small data a ConvNeXt ({k.dense_run}) beats a ViT trained as long ({v.dense_run})",
+                source="ViT (Dosovitskiy et al., arXiv:2010.11929, Sec. 4.2 and Fig. 3)",
+                contrast=f"{k.dense_run} vs {v.dense_run}", test="paired_t", min_effect=1.0,
+                min_effect_why="ViT's Fig. 3: ResNets lead ViTs by several points when pre-trained on the smallest sets; "
+                               "1 point is a conservative floor",
+                family=FAMILY, paired=True, measure=SeedPaired(k.dense_run, v.dense_run),
+            ))
+        return out
+
+    def model_table(self, results: ChapterResults) -> pd.DataFrame:
+        """Per model: size, FLOPs, measured throughput and accuracy (mean and std over seeds, in %).
+
+        Throughput is per epoch, averaged over seeds: the median epoch and the best one. They differ
+        when other jobs shared the machine during a run; the best epoch is the closest to an idle machine.
+        """
+        table = summary_table(results.results)
+        out = pd.DataFrame(index=table.index)
+        out["params (k)"] = (table["params_total"] / 1e3).round(1)
+        out["MFLOPs / image"] = (table["flops_per_image"] / 1e6).round(2)
+        out["train img/s (median epoch)"] = table["images_per_s"].round(0)
+        out["train img/s (best epoch)"] = table["images_per_s_best"].round(0)
+        out["minutes / run"] = (table["wall_time_s"] / 60).round(1)
+        out["seeds"] = table["seeds"]
+        for split in ("val", "test"):
+            out[f"{split} acc. (%)"] = [
+                format_mean_sd(m * 100, s * 100)
+                for m, s in zip(table[f"{split}_accuracy_mean"], table[f"{split}_accuracy_std"])
+            ]
+        return out
+
+    def calibration_frame(self, results: ChapterResults) -> pd.DataFrame:
+        """One row per candidate: seeds, accuracies, seed sds, gain, positive control, CPU cost and resolution.
+
+        * ``sd`` columns: sample sd over seeds (points); ``sd of gain``: of the per-seed MoE - dense difference;
+        * ``bypass loss``: MoE accuracy minus its accuracy with every MoE layer bypassed (mean over seeds);
+        * ``min / run``: wall minutes of one run (mean of the MoE and dense runs) as the sweep ran them;
+        * ``resolution / sqrt(CPU h)``: ``gain / sd(MoE) / sqrt(hours per MoE run)``.
+        """
+        groups = results.by_name()
+        rows = {}
+        for c in self.candidates(self.preset_of(results)):
+            moe, dense = groups.get(c.moe_run, []), groups.get(c.dense_run, [])
+            if not moe or not dense:
+                continue
+            a, b = results.paired(c.moe_run, c.dense_run)
+            acc_m = np.array([r.final["test_accuracy"] for r in moe]) * 100
+            acc_d = np.array([r.final["test_accuracy"] for r in dense]) * 100
+            bypass = np.array([r.record["moe_bypass"]["accuracy"] for r in moe]) * 100
+            gain = (np.array(a) - np.array(b)) * 100
+            sd_m = float(acc_m.std(ddof=1)) if acc_m.size > 1 else float("nan")
+            minutes = float(np.mean([_train_minutes(r) for r in moe]))
+            rows[c.name] = {
+                "family": c.family, "MoE blocks": str(c.placement), "epochs": c.epochs, "seeds": len(moe),
+                "dense acc. (%)": acc_d.mean(), "sd dense": float(acc_d.std(ddof=1)) if acc_d.size > 1 else float("nan"),
+                "MoE acc. (%)": acc_m.mean(), "sd MoE": sd_m,
+                "gain (points)": float(gain.mean()), "sd of gain": float(gain.std(ddof=1)) if gain.size > 1 else float("nan"),
+                "bypass loss (points)": float((acc_m - bypass).mean()),
+                "min / run (MoE)": minutes, "min / run (dense)": float(np.mean([_train_minutes(r) for r in dense])),
+                "resolution / sqrt(CPU h)": float(gain.mean() / sd_m / math.sqrt(minutes / 60)) if sd_m > 0 else float("nan"),
+            }
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def calibration_table(self, results: ChapterResults) -> pd.DataFrame:
+        """:meth:`calibration_frame` rounded for reading, with each candidate's control verdict, one column per candidate."""
+        df = self.calibration_frame(results)
+        if df.empty:
+            return df
+        verdict = {v.claim_id: v.verdict for v in self.verdicts(results, write=False)}
+        df["control"] = [verdict.get(f"experts_carry_weight_{n}", "—") for n in df.index]
+        df = df.round({c: 2 for c in df.columns if df[c].dtype.kind == "f"})
+        return df.T  # candidates as columns: the table fits the page
+
+    def choose_test_bed(self, results: ChapterResults) -> dict[str, str | None]:
+        """The rule fixed before the runs were read: per family (ViT, ConvNeXt), among the candidates
+        whose positive control is reproduced, the highest ``resolution / sqrt(CPU h)``; when no
+        candidate passes its control, the one that loses most when bypassed (and the chapter says so)."""
+        df = self.calibration_frame(results)
+        verdict = {v.claim_id: v.verdict for v in self.verdicts(results, write=False)}
+        out: dict[str, str | None] = {}
+        for family in ("vit", "convnext"):
+            sub = df[df["family"] == family]
+            if sub.empty:
+                out[family] = None
+                continue
+            passed = [n for n in sub.index if verdict.get(f"experts_carry_weight_{n}") == "reproduced"]
+            if passed:
+                out[family] = str(sub.loc[passed, "resolution / sqrt(CPU h)"].idxmax())
+            else:
+                out[family] = str(sub["bypass loss (points)"].idxmax())
+        return out
+
+    def power_designs(self, results: ChapterResults, tests=None) -> dict[str, tuple[float, bool]]:
+        """The power table's designs: each arm's seed sd (unpaired) and each candidate's sd of the paired gain."""
+        df = self.calibration_frame(results)
+        sds: dict[str, tuple[float, bool]] = {}
+        for c in self.candidates(self.preset_of(results)):
+            if c.name not in df.index:
+                continue
+            row = df.loc[c.name]
+            for label, col, paired in ((f"{c.dense_run} (unpaired)", "sd dense", False),
+                                       (f"{c.moe_run} (unpaired)", "sd MoE", False),
+                                       (f"{c.moe_run} - {c.dense_run} (paired)", "sd of gain", True)):
+                if np.isfinite(row[col]) and label not in sds:
+                    sds[label] = (float(row[col]), paired)
+        return sds
+
+    def plot_calibration(self, results: ChapterResults):
+        """Per candidate (one row each): the MoE gain over its dense model (top) and the accuracy lost when the MoE
+        layers are bypassed (bottom), in points; dots are seeds, bars their mean."""
+        style()
+        df = self.calibration_frame(results)
+        groups = results.by_name()
+        cands = [c for c in self.candidates(self.preset_of(results)) if c.name in df.index]
+        height = 1.2 + 0.42 * max(1, len(cands))
+        fig, axes = plt.subplots(2, 1, figsize=(7.5, 2 * height), sharey=True)
+        labels = []
+        for i, c in enumerate(cands):
+            a, b = results.paired(c.moe_run, c.dense_run)
+            gain = (np.array(a) - np.array(b)) * 100
+            loss = np.array([r.final["test_accuracy"] - r.record["moe_bypass"]["accuracy"] for r in groups[c.moe_run]]) * 100
+            for ax, values in ((axes[0], gain), (axes[1], loss)):
+                ax.barh(i, values.mean(), color=_color(i), alpha=0.35, height=0.6)
+                ax.scatter(values, np.full(values.size, i) + np.linspace(-0.15, 0.15, values.size), color=_color(i), s=16, zorder=3)
+                ax.annotate(f"{values.mean():+.2f}", (max(values.max(), values.mean(), 0), i), xytext=(6, 0),
+                            textcoords="offset points", va="center", fontsize=9)
+            labels.append(c.name)
+        axes[0].axvline(GAIN_MIN_EFFECT, color="0.35", ls="--", lw=1)
+        axes[1].axvline(CONTROL_MIN_EFFECT, color="0.35", ls="--", lw=1)
+        for ax in axes:
+            ax.axvline(0, color="0.2", lw=0.8)
+            ax.set_yticks(range(len(labels)), labels, fontsize=9)
+            ax.margins(x=0.15)
+        axes[0].invert_yaxis()  # shared: the first candidate on top in both panels
+        axes[0].set_xlabel(f"MoE - dense test accuracy (points, paired by seed); dashed: {GAIN_MIN_EFFECT:g}", fontsize=9)
+        axes[0].set_title("MoE gain at equal activated FLOPs (dashed: smallest gain of interest)", fontsize=10)
+        axes[1].set_xlabel(f"accuracy lost with every MoE layer bypassed (points); dashed: {CONTROL_MIN_EFFECT:g}",
+                           fontsize=9)
+        axes[1].set_title("Positive control: the weight the experts carry (dashed: threshold)", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def findings(self, results: ChapterResults) -> str:
+        """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
+        df = self.calibration_frame(results)
+        if df.empty:
+            return "* No candidate has both its dense and its MoE runs stored."
+        chosen = self.choose_test_bed(results)
+        verdict = {v.claim_id: v for v in self.verdicts(results, write=False)}
+        lines = []
+        for name, row in df.iterrows():
+            control = verdict.get(f"experts_carry_weight_{name}")
+            gain = verdict.get(f"moe_vs_dense_{name}")
+            lines.append(
+                f"**{name}** ({row['seeds']} seeds, {row['min / run (MoE)']:.1f} min per MoE run): MoE {row['MoE acc. (%)']:.2f}% "
+                f"(sd {row['sd MoE']:.2f}) vs dense {row['dense acc. (%)']:.2f}% (sd {row['sd dense']:.2f}); gain "
+                f"{row['gain (points)']:+.2f} points ({gain.verdict if gain else '—'}); bypassing the MoE layers costs "
+                f"{row['bypass loss (points)']:.2f} points (control {control.verdict if control else '—'})."
+            )
+        for family, name in chosen.items():
+            if name is None:
+                continue
+            row = df.loc[name]
+            passed = verdict.get(f"experts_carry_weight_{name}")
+            alone = int((df["family"] == family).sum()) == 1
+            if alone:
+                how = ("the only candidate of its family calibrated here (control "
+                       f"{passed.verdict if passed else 'not measured'}; MoE gain {row['gain (points)']:+.2f} points)")
+            elif passed and passed.verdict == "reproduced":
+                how = "the highest resolution per CPU hour among the candidates whose control is reproduced"
+            else:
+                how = "no candidate passed its control, so the one whose experts carry the most weight"
+            n_unpaired = seeds_for_mde_or_none(float(row["sd MoE"]), paired=False)
+            n_paired = seeds_for_mde_or_none(float(row["sd of gain"]), paired=True)
+            lines.append(
+                f"**Test bed ({family}): {name}** — {how}. At its seed sd, an MoE-vs-MoE contrast needs "
+                f"{n_unpaired} seeds per arm unpaired and {n_paired} paired (sd of paired differences as measured for "
+                f"MoE - dense) for a minimal detectable effect of {GAIN_MIN_EFFECT:g} point."
+            )
+        return "\n".join(f"* {line}" for line in lines)
 
 
-def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
-    """Each declared claim's test on the stored runs (``None`` where its runs are missing)."""
-    groups = results.by_name()
-    out: dict[str, TestResult | None] = {}
-    for c in candidates(results_preset_name(results)):
-        runs = groups.get(c.moe_run, [])
-        control = f"experts_carry_weight_{c.name}"
-        out[control] = mcnemar(np.stack([correct_of(r) for r in runs]), np.stack([bypass_correct_of(r) for r in runs])) if runs else None
-        a, b = results.paired(c.moe_run, c.dense_run)
-        out[f"moe_vs_dense_{c.name}"] = paired_t(a, b) if len(a) >= 2 else None
-    for claim in claims(results_preset_name(results)):
-        if claim.id == "convnet_prior":
-            conv, vit = claim.contrast.split(" vs ")
-            a, b = results.paired(conv, vit)
-            out[claim.id] = paired_t(a, b) if len(a) >= 2 else None
-    return out
-
-
-def results_preset_name(results: ChapterResults) -> str:
-    """The preset whose sweep these results are (``custom`` results: the preset their runs match)."""
-    if results.preset in PRESETS:
-        return results.preset
-    names = {r.name for r in results.results}
-    for name in PRESETS:
-        if names <= set(experiment(name)):
-            return name
-    raise ValueError(f"results of preset {results.preset!r} match no preset's sweep")
-
-
-def verdicts(results: ChapterResults, *, write: bool = True) -> list[VerdictRecord]:
-    """The chapter's claims decided by the book's rule (and written to ``verdicts.json``)."""
-    out = decide_family(claims(results_preset_name(results)), test_results(results))
-    if write:
-        write_verdict_records(out, results.verdicts_path())
-    return out
-
-
-# ----------------------------------------------------------------------------------- calibration
 def _train_minutes(result) -> float:
     return float(result.record["wall_time_s"]) / 60
 
 
-def calibration_frame(results: ChapterResults) -> pd.DataFrame:
-    """One row per candidate: seeds, accuracies, seed sds, gain, positive control, CPU cost and resolution.
-
-    * ``sd`` columns: sample sd over seeds (points); ``sd of gain``: of the per-seed MoE - dense difference;
-    * ``bypass loss``: MoE accuracy minus its accuracy with every MoE layer bypassed (mean over seeds);
-    * ``min / run``: wall minutes of one run (mean of the MoE and dense runs) as the sweep ran them;
-    * ``resolution / sqrt(CPU h)``: ``gain / sd(MoE) / sqrt(hours per MoE run)``.
-    """
-    groups = results.by_name()
-    rows = {}
-    for c in candidates(results_preset_name(results)):
-        moe, dense = groups.get(c.moe_run, []), groups.get(c.dense_run, [])
-        if not moe or not dense:
-            continue
-        a, b = results.paired(c.moe_run, c.dense_run)
-        acc_m = np.array([r.final["test_accuracy"] for r in moe]) * 100
-        acc_d = np.array([r.final["test_accuracy"] for r in dense]) * 100
-        bypass = np.array([r.record["moe_bypass"]["accuracy"] for r in moe]) * 100
-        gain = (np.array(a) - np.array(b)) * 100
-        sd_m = float(acc_m.std(ddof=1)) if acc_m.size > 1 else float("nan")
-        minutes = float(np.mean([_train_minutes(r) for r in moe]))
-        rows[c.name] = {
-            "family": c.family, "MoE blocks": str(c.placement), "epochs": c.epochs, "seeds": len(moe),
-            "dense acc. (%)": acc_d.mean(), "sd dense": float(acc_d.std(ddof=1)) if acc_d.size > 1 else float("nan"),
-            "MoE acc. (%)": acc_m.mean(), "sd MoE": sd_m,
-            "gain (points)": float(gain.mean()), "sd of gain": float(gain.std(ddof=1)) if gain.size > 1 else float("nan"),
-            "bypass loss (points)": float((acc_m - bypass).mean()),
-            "min / run (MoE)": minutes, "min / run (dense)": float(np.mean([_train_minutes(r) for r in dense])),
-            "resolution / sqrt(CPU h)": float(gain.mean() / sd_m / math.sqrt(minutes / 60)) if sd_m > 0 else float("nan"),
-        }
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def calibration_table(results: ChapterResults) -> pd.DataFrame:
-    """:func:`calibration_frame` rounded for reading, with each candidate's control verdict, one column per candidate."""
-    df = calibration_frame(results)
-    if df.empty:
-        return df
-    verdict = {v.claim_id: v.verdict for v in verdicts(results, write=False)}
-    df["control"] = [verdict.get(f"experts_carry_weight_{n}", "—") for n in df.index]
-    df = df.round({c: 2 for c in df.columns if df[c].dtype.kind == "f"})
-    return df.T  # candidates as columns: the table fits the page
-
-
-def choose_test_bed(results: ChapterResults) -> dict[str, str | None]:
-    """The rule fixed before the runs were read: per family (ViT, ConvNeXt), among the candidates
-    whose positive control is reproduced, the highest ``resolution / sqrt(CPU h)``; when no
-    candidate passes its control, the one that loses most when bypassed (and the chapter says so)."""
-    df = calibration_frame(results)
-    verdict = {v.claim_id: v.verdict for v in verdicts(results, write=False)}
-    out: dict[str, str | None] = {}
-    for family in ("vit", "convnext"):
-        sub = df[df["family"] == family]
-        if sub.empty:
-            out[family] = None
-            continue
-        passed = [n for n in sub.index if verdict.get(f"experts_carry_weight_{n}") == "reproduced"]
-        if passed:
-            out[family] = str(sub.loc[passed, "resolution / sqrt(CPU h)"].idxmax())
-        else:
-            out[family] = str(sub["bypass loss (points)"].idxmax())
-    return out
-
-
-def power_frame(results: ChapterResults, target: float = 0.5) -> pd.DataFrame:
-    """The chapter's power table: for each arm's seed sd (unpaired) and each candidate's sd of the
-    paired gain, the minimal detectable effect (points, one-sided alpha 0.05, 80 % power) at several
-    seed counts, and the seeds an MDE of ``target`` points needs."""
-    df = calibration_frame(results)
-    sds: dict[str, tuple[float, bool]] = {}
-    for c in candidates(results_preset_name(results)):
-        if c.name not in df.index:
-            continue
-        row = df.loc[c.name]
-        for label, col, paired in ((f"{c.dense_run} (unpaired)", "sd dense", False),
-                                   (f"{c.moe_run} (unpaired)", "sd MoE", False),
-                                   (f"{c.moe_run} - {c.dense_run} (paired)", "sd of gain", True)):
-            if np.isfinite(row[col]) and label not in sds:
-                sds[label] = (float(row[col]), paired)
-    return power_table(sds, target=target) if sds else pd.DataFrame()
-
-
-def plot_calibration(results: ChapterResults):
-    """Per candidate (one row each): the MoE gain over its dense model (top) and the accuracy lost when the MoE
-    layers are bypassed (bottom), in points; dots are seeds, bars their mean."""
-    style()
-    df = calibration_frame(results)
-    groups = results.by_name()
-    cands = [c for c in candidates(results_preset_name(results)) if c.name in df.index]
-    height = 1.2 + 0.42 * max(1, len(cands))
-    fig, axes = plt.subplots(2, 1, figsize=(7.5, 2 * height), sharey=True)
-    labels = []
-    for i, c in enumerate(cands):
-        a, b = results.paired(c.moe_run, c.dense_run)
-        gain = (np.array(a) - np.array(b)) * 100
-        loss = np.array([r.final["test_accuracy"] - r.record["moe_bypass"]["accuracy"] for r in groups[c.moe_run]]) * 100
-        for ax, values in ((axes[0], gain), (axes[1], loss)):
-            ax.barh(i, values.mean(), color=_color(i), alpha=0.35, height=0.6)
-            ax.scatter(values, np.full(values.size, i) + np.linspace(-0.15, 0.15, values.size), color=_color(i), s=16, zorder=3)
-            ax.annotate(f"{values.mean():+.2f}", (max(values.max(), values.mean(), 0), i), xytext=(6, 0),
-                        textcoords="offset points", va="center", fontsize=9)
-        labels.append(c.name)
-    axes[0].axvline(GAIN_MIN_EFFECT, color="0.35", ls="--", lw=1)
-    axes[1].axvline(CONTROL_MIN_EFFECT, color="0.35", ls="--", lw=1)
-    for ax in axes:
-        ax.axvline(0, color="0.2", lw=0.8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=9)
-        ax.margins(x=0.15)
-    axes[0].invert_yaxis()  # shared: the first candidate on top in both panels
-    axes[0].set_xlabel(f"MoE - dense test accuracy (points, paired by seed); dashed: {GAIN_MIN_EFFECT:g}", fontsize=9)
-    axes[0].set_title("MoE gain at equal activated FLOPs (dashed: smallest gain of interest)", fontsize=10)
-    axes[1].set_xlabel(f"accuracy lost with every MoE layer bypassed (points); dashed: {CONTROL_MIN_EFFECT:g}",
-                       fontsize=9)
-    axes[1].set_title("Positive control: the weight the experts carry (dashed: threshold)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-# ----------------------------------------------------------------------------------- findings
-def findings(results: ChapterResults) -> str:
-    """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
-    df = calibration_frame(results)
-    if df.empty:
-        return "* No candidate has both its dense and its MoE runs stored."
-    chosen = choose_test_bed(results)
-    verdict = {v.claim_id: v for v in verdicts(results, write=False)}
-    lines = []
-    for name, row in df.iterrows():
-        control = verdict.get(f"experts_carry_weight_{name}")
-        gain = verdict.get(f"moe_vs_dense_{name}")
-        lines.append(
-            f"**{name}** ({row['seeds']} seeds, {row['min / run (MoE)']:.1f} min per MoE run): MoE {row['MoE acc. (%)']:.2f}% "
-            f"(sd {row['sd MoE']:.2f}) vs dense {row['dense acc. (%)']:.2f}% (sd {row['sd dense']:.2f}); gain "
-            f"{row['gain (points)']:+.2f} points ({gain.verdict if gain else '—'}); bypassing the MoE layers costs "
-            f"{row['bypass loss (points)']:.2f} points (control {control.verdict if control else '—'})."
-        )
-    for family, name in chosen.items():
-        if name is None:
-            continue
-        row = df.loc[name]
-        passed = verdict.get(f"experts_carry_weight_{name}")
-        alone = int((df["family"] == family).sum()) == 1
-        if alone:
-            how = ("the only candidate of its family calibrated here (control "
-                   f"{passed.verdict if passed else 'not measured'}; MoE gain {row['gain (points)']:+.2f} points)")
-        elif passed and passed.verdict == "reproduced":
-            how = "the highest resolution per CPU hour among the candidates whose control is reproduced"
-        else:
-            how = "no candidate passed its control, so the one whose experts carry the most weight"
-        n_unpaired = seeds_for_mde_or_none(float(row["sd MoE"]), paired=False)
-        n_paired = seeds_for_mde_or_none(float(row["sd of gain"]), paired=True)
-        lines.append(
-            f"**Test bed ({family}): {name}** — {how}. At its seed sd, an MoE-vs-MoE contrast needs "
-            f"{n_unpaired} seeds per arm unpaired and {n_paired} paired (sd of paired differences as measured for "
-            f"MoE - dense) for a minimal detectable effect of {GAIN_MIN_EFFECT:g} point."
-        )
-    return "\n".join(f"* {line}" for line in lines)
-
-
 def seeds_for_mde_or_none(sd: float, *, paired: bool, target: float = GAIN_MIN_EFFECT) -> str:
     """Seeds per arm for an MDE of ``target`` points at this sd, as text ("more than 200" when out of reach)."""
-    from ..stats import seeds_for_mde
-
     if not np.isfinite(sd):
         return "an unknown number of (sd not measured)"
     n = seeds_for_mde(sd, target, paired=paired)
     return str(n) if n is not None else "more than 200"
+
+
+chapter = DenseBaselines()

@@ -30,7 +30,6 @@ bypassed), so the chapter renders without weights or data.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,23 +39,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
 
-from ..analysis import bypass_correct_of, correct_of, mean_sd_text, summary_table
+from ..analysis import load_cv, mean_sd_text, routing_of, summary_table
 from ..models.placement import resolve_moe_layers
 from ..plots import _color, style
-from ..stats import (Claim, TestResult, VerdictRecord, decide_family, mcnemar, noninferiority, paired_t, power_table,
-                     tost, write_verdict_records)
+from ..stats import Claim, VerdictRecord
 from ..train import TrainConfig
-from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
+from .base import Bypassed, Chapter, ChapterResults, Preset, Run, SeedPaired, routing_at
 from .probes import RoutingStatsProbe
-from .recipes import SMOKE_DATA, TEST_BED_MOE, cifar_recipe, fashion_mnist_recipe
+from .recipes import SMOKE_DATA, TEST_BED_MOE, preset_recipe
 
-__all__ = [
-    "NAME", "PRESETS", "PLACEMENTS", "ARCHITECTURES", "experiment", "seeds_of", "borrowed", "run", "run_options",
-    "own_runs", "wall_minutes", "preset_table",
-    "placement_layers", "placement_table", "routing_table", "control_table", "claims", "test_results", "verdicts",
-    "robustness_verdict", "power_frame", "power_note", "findings", "plot_placements", "plot_accuracy",
-    "plot_gain_vs_activated", "plot_routing",
-]
+__all__ = ["NAME", "PRESETS", "PLACEMENTS", "ARCHITECTURES", "Placement", "chapter"]
 
 NAME = "placement"
 
@@ -111,297 +103,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# ----------------------------------------------------------------------------------- the sweep
-def _recipe(preset: str):
-    s = {k: v for k, v in select_preset(PRESETS, preset).settings.items()
-         if k not in ("vit", "convnext", "small", "seeds_by_arch", "probe_images")}
-    epochs = s.pop("epochs")
-    dataset = s.pop("dataset", "fashion_mnist")
-
-    def recipe(model: str, model_kwargs: dict[str, Any]) -> TrainConfig:
-        if dataset == "fashion_mnist":
-            return fashion_mnist_recipe(model, epochs=epochs, model_kwargs=model_kwargs, **s)
-        return cifar_recipe(model, dataset=dataset, epochs=epochs, model_kwargs=model_kwargs, **s)
-
-    return recipe
-
-
-def experiment(preset: str) -> dict[str, TrainConfig]:
-    """The sweep of a preset: run name -> config.
-
-    Runs ``<arch>_<placement>`` for each architecture and placement, ``<arch>_dense`` (the dense model
-    at equal activated FLOPs: ``k = 1`` with experts the size of the dense MLP), and claim (c)'s
-    smaller ViT, ``vit_small_dense`` and ``vit_small_last2``. Ordered as trained: costlier runs first.
-    """
-    s = select_preset(PRESETS, preset).settings
-    recipe = _recipe(preset)
-    out: dict[str, TrainConfig] = {}
-    for arch in ("convnext", "vit"):
-        dense, kwargs = s[arch]
-        for tag in _COST_ORDER:
-            out[f"{arch}_{tag}"] = recipe(f"vmoe_{dense}", {**kwargs, "moe_layers": PLACEMENTS[tag], **TEST_BED_MOE})
-        out[f"{arch}_dense"] = recipe(dense, dict(kwargs))
-    small, kwargs = s["small"]
-    out[f"{SMALL}_last2"] = recipe(f"vmoe_{small}", {**kwargs, "moe_layers": "last-2", **TEST_BED_MOE})
-    out[f"{SMALL}_dense"] = recipe(small, dict(kwargs))
-    return out
-
-
-def _arch_of(run_name: str) -> str:
-    """The key of a run's seeds in a preset's ``seeds_by_arch``: ``convnext``, ``vit`` or :data:`SMALL`."""
-    if run_name.startswith(SMALL):
-        return SMALL
-    return "convnext" if run_name.startswith("convnext") else "vit"
-
-
-def seeds_of(preset: str, run_name: str) -> tuple[int, ...]:
-    """The seeds a run of the preset is trained with: the preset's, or its ``seeds_by_arch`` entry (the ConvNeXt
-    may use fewer; the smaller ViT, whose runs are chapter 0's, all of chapter 0's)."""
-    p = select_preset(PRESETS, preset)
-    return tuple(p.settings["seeds_by_arch"].get(_arch_of(run_name), p.seeds))
-
-
-def borrowed(preset: str) -> dict[str, str]:
-    """Runs of this chapter that are chapter 0's runs of the same config: this chapter's name -> chapter 0's.
-
-    A run is borrowed when chapter 0's preset of the same name has a run with an identical config and trains
-    it with at least this chapter's seeds; its records are then read from (or trained into) chapter 0's
-    results, never trained twice.
-    """
-    from . import dense_baselines
-
-    select_preset(PRESETS, preset)
-    if preset not in dense_baselines.PRESETS:
-        return {}
-    theirs = dense_baselines.experiment(preset)
-    out = {}
-    for name, config in experiment(preset).items():
-        if not (name.endswith("_dense") or name.startswith(SMALL)):
-            continue
-        for other, cfg in theirs.items():
-            if cfg.to_dict() == config.to_dict() and set(seeds_of(preset, name)) <= set(dense_baselines.seeds_of(preset, other)):
-                out[name] = other
-                break
-    return out
-
-
-def run(
-    preset: str = "smoke",
-    seeds: Sequence[int] | None = None,
-    device: str = "auto",
-    overrides: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    **sweep: Any,
-) -> ChapterResults:
-    """Load the preset's results, training whatever is missing (unless results are required).
-
-    With ``seeds=None`` each run gets its seeds of record (:func:`seeds_of`); a seed list applies to every
-    run. Borrowed runs (:func:`borrowed`) come from chapter 0's results. ``sweep`` holds
-    :func:`~vmoe_lib.chapters.base.run_sweep`'s ``workers``, ``executor`` and ``slurm``.
-    """
-    from . import dense_baselines
-
-    configs = experiment(preset)
-    lent = borrowed(preset)
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for name in configs:
-        if name not in lent:
-            groups.setdefault(seeds_of(preset, name), []).append(name)
-    parts = [run_sweep(NAME, PRESETS, lambda p, names=names: {n: experiment(p)[n] for n in names}, preset,
-                       seeds=seeds, device=device, overrides=overrides, progress=progress, record_seeds=own,
-                       **run_options(preset), **sweep)
-             for own, names in groups.items()]
-    out = [r for part in parts for r in part.results]
-    of_record = all(part.of_record for part in parts)
-    for mine, theirs in lent.items():
-        part = run_sweep(dense_baselines.NAME, dense_baselines.PRESETS, lambda p, t=theirs, m=mine: {t: experiment(p)[m]},
-                         preset, seeds=seeds, device=device, overrides=overrides, progress=progress,
-                         record_seeds=seeds_of(preset, mine), **sweep)
-        out += [dataclasses.replace(r, name=mine) for r in part.results]
-        of_record = of_record and part.of_record
-    folder = parts[0].preset if parts else preset
-    order = {name: i for i, name in enumerate(_display_order())}
-    out.sort(key=lambda r: (order.get(r.name, len(order)), r.seed))
-    return ChapterResults(NAME, folder, out, of_record=of_record)
-
-
-def run_options(preset: str) -> dict[str, Any]:
-    """What a run needs beyond its config: the routing-statistics probe (``extra_eval``) and its settings.
-
-    The probe measures the routing at the trained inference setting (capacity factor 8 = E: nothing dropped)
-    and at the training capacity factor 1.0, where the experts' capacity drops tokens as it did in training."""
-    probe = RoutingStatsProbe(probe_images=select_preset(PRESETS, preset).settings["probe_images"],
-                              capacity_factors=(float(TEST_BED_MOE["capacity_factor"]),))
-    return {"extra_eval": probe, "hash_extra": {"probe": probe.settings()}}
-
-
-def _display_order() -> list[str]:
-    names = [f"{arch}_{tag}" for arch in ARCHITECTURES for tag in (*PLACEMENTS, "dense")]
-    return names + [f"{SMALL}_last2", f"{SMALL}_dense"]
-
-
-def _own(results: ChapterResults) -> list:
-    return [r for r in results.results if r.manifest.get("chapter") == NAME]
-
-
-def own_runs(results: ChapterResults) -> int:
-    """How many of the runs shown this chapter trained (the others are chapter 0's, see :func:`borrowed`)."""
-    return len(_own(results))
-
-
-def wall_minutes(results: ChapterResults) -> float:
-    """Wall minutes of this chapter's own sweep (:func:`~.base.sweep_wall_minutes` over the runs it trained)."""
-    from .base import sweep_wall_minutes
-
-    return sweep_wall_minutes(_own(results))
-
-
-def preset_table() -> pd.DataFrame:
-    """The presets, their hardware and expected wall time (for the chapter header)."""
-    return preset_frame(PRESETS)
-
-
-# ----------------------------------------------------------------------------------- placements
-def _blocks(model: str, model_kwargs: Mapping[str, Any]) -> tuple[int, list[int] | None]:
-    """(number of blocks, ConvNeXt stage depths or None) of a dense model name, without building it."""
-    from ..models.dense import DENSE_CONVNEXT_SIZES, DENSE_VIT_SIZES
-
-    if model in DENSE_VIT_SIZES:
-        return int(model_kwargs.get("depth", DENSE_VIT_SIZES[model]["depth"])), None
-    depths = list(model_kwargs.get("depths", DENSE_CONVNEXT_SIZES[model]["depths"]))
-    return sum(depths), depths
-
-
-def placement_layers(preset: str) -> dict[str, dict[str, Any]]:
-    """Per architecture of the preset: its dense model, number of blocks, stage depths and each placement's
-    MoE blocks (0-based, numbered across stages)."""
-    s = select_preset(PRESETS, preset).settings
-    out = {}
-    for arch in ARCHITECTURES:
-        model, kwargs = s[arch]
-        depth, stages = _blocks(model, kwargs)
-        out[arch] = {"model": model, "depth": depth, "stages": stages,
-                     "layers": {tag: resolve_moe_layers(strategy, depth) for tag, strategy in PLACEMENTS.items()}}
-    return out
-
-
-def plot_placements(preset: str = "cpu"):
-    """Block diagram: which blocks are MoE (filled) in each placement, for each architecture."""
-    style()
-    info = placement_layers(preset)
-    fig, axes = plt.subplots(len(info), 1, figsize=(7.2, 1.0 + 1.45 * len(info)))
-    for ax, (arch, d) in zip(np.atleast_1d(axes), info.items()):
-        depth = d["depth"]
-        for row, (tag, layers) in enumerate(d["layers"].items()):
-            y = len(d["layers"]) - 1 - row
-            for b in range(depth):
-                moe = b in layers
-                ax.add_patch(Rectangle((b + 0.08, y + 0.12), 0.84, 0.76, facecolor=_color(0) if moe else "white",
-                                       edgecolor="0.3", lw=1))
-                if moe:
-                    ax.text(b + 0.5, y + 0.5, "MoE", ha="center", va="center", color="white", fontsize=7)
-            ax.text(-0.2, y + 0.5, LABELS[tag], ha="right", va="center", fontsize=9)
-        if d["stages"]:
-            start = 0
-            for i, n in enumerate(d["stages"]):
-                if i:
-                    ax.axvline(start, color="0.5", ls="--", lw=1)
-                ax.text(start + n / 2, len(d["layers"]) + 0.15, f"stage {i}", ha="center", va="bottom", fontsize=8)
-                start += n
-        ax.set_xlim(-2.2, depth + 0.1)
-        ax.set_ylim(-0.1, len(d["layers"]) + 0.7)
-        ax.set_xticks(np.arange(depth) + 0.5, [str(b) for b in range(depth)], fontsize=8)
-        ax.set_yticks([])
-        for side in ("left", "right", "top"):
-            ax.spines[side].set_visible(False)
-        ax.set_xlabel(f"block (0-based) of {d['model']}, {depth} blocks")
-        ax.set_title(f"{ARCH_LABELS[arch]}: MoE blocks per placement (filled)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-# ----------------------------------------------------------------------------------- tables
-def _routing_of(r) -> dict[str, dict[str, Any]]:
-    return (r.record.get("extra") or {}).get("routing", {})
-
-
-def _epoch_minutes(r) -> float:
-    h = r.history
-    return float(np.mean([e["epoch_seconds"] for e in h])) / 60 if h else float("nan")
-
-
-def _cv(load: Sequence[float]) -> float:
-    x = np.asarray(load, dtype=float)
-    return float(x.std() / x.mean()) if x.mean() > 0 else float("nan")
-
-
-def _moe_blocks(config: TrainConfig) -> list[int]:
-    kwargs = dict(config.model_kwargs or {})
-    depth, _ = _blocks(config.model.removeprefix("vmoe_"), kwargs)
-    return resolve_moe_layers(kwargs["moe_layers"], depth)
-
-
-def placement_table(results: ChapterResults) -> pd.DataFrame:
-    """Per run: MoE blocks, parameters (total, activated), FLOPs, minutes per epoch, the positive control
-    (accuracy with the MoE layers bypassed) and test accuracy (mean ± std over seeds)."""
-    table = summary_table(results.results)
-    rows = {}
-    for name, runs in results.by_name().items():
-        first, t = runs[0], table.loc[name]
-        moe = (first.config.model_kwargs or {}).get("moe_layers")
-        rows[name] = {
-            "placement": LABELS.get(name.rsplit("_", 1)[-1], name), "model": first.config.model.removeprefix("vmoe_"),
-            "MoE blocks": str(_moe_blocks(first.config)) if moe else "—",
-            "params (k)": round(t["params_total"] / 1e3, 1),
-            "activated params (k)": round(t["params_activated"] / 1e3, 1),
-            "MFLOPs / image": round(t["flops_per_image"] / 1e6, 2),
-            "min / epoch": round(float(np.mean([_epoch_minutes(r) for r in runs])), 2),
-            "MoE bypassed (%)": (mean_sd_text([r.record["moe_bypass"]["accuracy"] for r in runs])
-                                 if all(r.record.get("moe_bypass") for r in runs) else "—"),
-            "test acc. (%)": mean_sd_text([r.final["test_accuracy"] for r in runs]),
-            "seeds": len(runs),
-        }
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def _dropped_at_training(runs: Sequence, layer_name: str) -> float | None:
-    values = [_at_training_capacity(r).get(layer_name, {}).get("dropped_fraction") for r in runs]
-    return round(100 * float(np.mean(values)), 1) if values and None not in values else None
-
-
-def routing_table(results: ChapterResults) -> pd.DataFrame:
-    """Per MoE run and layer (mean over seeds, test set): expert load CV and busiest share, tokens dropped at the
-    trained inference setting and at the training capacity factor, gate entropy (nats; log 8 = 2.08 is uniform
-    over the 8 experts)."""
-    rows = []
-    for name, runs in results.by_name().items():
-        first = _routing_of(runs[0])
-        for layer_name in first:
-            per_seed = [_routing_of(r)[layer_name] for r in runs if layer_name in _routing_of(r)]
-            load = np.mean([s["expert_load"] for s in per_seed], axis=0)
-            entropy = [s["gate_entropy"] for s in per_seed if "gate_entropy" in s]
-            rows.append({"run": name, "block": per_seed[0]["layer"],
-                         "load CV": round(float(np.mean([_cv(s["expert_load"]) for s in per_seed])), 3),
-                         "busiest expert (%)": round(100 * float(load.max()), 1),
-                         "dropped at inference (%)": round(100 * float(np.mean([s["dropped_fraction"] for s in per_seed])), 2),
-                         f"dropped at cf {float(TEST_BED_MOE['capacity_factor']):g} (%)": _dropped_at_training(runs, layer_name),
-                         "gate entropy (nats)": round(float(np.mean(entropy)), 3) if entropy else None})
-    return pd.DataFrame(rows).set_index(["run", "block"]) if rows else pd.DataFrame()
-
-
-def control_table(results: ChapterResults) -> pd.DataFrame:
-    """Per MoE run: test accuracy with and without its MoE layers (bypassed at inference), mean over seeds."""
-    rows = {}
-    for name, runs in results.by_name().items():
-        if not all(r.record.get("moe_bypass") for r in runs):
-            continue
-        acc = np.mean([r.final["test_accuracy"] for r in runs]) * 100
-        bypass = np.mean([r.record["moe_bypass"]["accuracy"] for r in runs]) * 100
-        rows[name] = {"test acc. (%)": round(acc, 2), "MoE bypassed (%)": round(bypass, 2),
-                      "cost of bypassing (points)": round(acc - bypass, 2)}
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
 # ----------------------------------------------------------------------------------- claims
 ROBUST_FAMILY = f"{NAME}:a_last2_robust"
 EVERY2_FAMILY = f"{NAME}:b_every2_vit"
@@ -416,173 +117,42 @@ _MARGIN_WHY = ("the book's smallest effect of interest for a design choice: the 
                "papers report at our model sizes; a placement 0.5 point worse than the best is 'meaningfully worse'")
 
 
-def claims(preset: str) -> list[Claim]:
-    """The chapter's claims, declared before any result is read.
-
-    How claim (a), "Last-2 is the most robust placement across architectures", is decided (pre-registered):
-    for each architecture and each other placement P, one non-inferiority claim "Last-2 is not worse than P by
-    :data:`MARGIN` points or more" (paired by seed, Holm-corrected over the 8 in family :data:`ROBUST_FAMILY`).
-    Claim (a) is reproduced when all 8 are, not reproduced when any is, inconclusive otherwise
-    (:func:`robustness_verdict`). Why this and not the best mean rank: a rank ignores how far apart placements
-    are, and with a few seeds the ranks of placements within noise of each other are a coin toss; the margin
-    says what "meaningfully worse" means in points, and each test says whether the data can tell.
-
-    Claim (b) is two claims: Every-2 above Last-2 by at least :data:`SLIGHT` points ("slightly": the smallest
-    effect of interest is the low end of the papers' effects), and Every-2 equivalent to Last-2 within
-    :data:`MARGIN` (TOST). Claim (c) is one claim per (size, placement): MoE beats the dense ViT of equal
-    activated FLOPs by at least :data:`GAIN_MIN_EFFECT`; at depth 4 Every-2 and Last-2 are the same model.
-
-    Every claim depends on a positive control: bypassing the MoE layers of the Last-2 model (of the claim's
-    architecture and size) costs at least :data:`CONTROL_MIN_EFFECT` point; without it, placements would
-    agree only because the experts carry nothing. Each MoE run has its own control in the table.
-    """
-    select_preset(PRESETS, preset)
-    out: list[Claim] = []
-    runs = [f"{arch}_{tag}" for arch in ARCHITECTURES for tag in PLACEMENTS] + [f"{SMALL}_last2"]
-    for run_name in runs:
-        out.append(Claim(
-            id=f"experts_carry_weight_{run_name}",
-            claim=f"Bypassing every MoE layer of {run_name} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
-            source="positive control: the weight the experts carry", contrast=f"{run_name} vs {run_name} with MoE bypassed",
-            test="mcnemar", min_effect=CONTROL_MIN_EFFECT,
-            min_effect_why="placement effects are 0.3-1 point; experts that carry less than 1 point cannot show them",
-            family=CONTROL_FAMILY, paired=True,
-        ))
-    for arch in ARCHITECTURES:
-        for tag in PLACEMENTS:
-            if tag == "last2":
-                continue
-            out.append(Claim(
-                id=f"last2_noninferior_{arch}_{tag}",
-                claim=f"{ARCH_LABELS[arch]}: Last-2 is not worse than {LABELS[tag]} by {MARGIN:g} point or more",
-                source=_SWEET + ": 'Last-2 is the most robust placement across architectures'",
-                contrast=f"{arch}_last2 vs {arch}_{tag}", test="noninferiority", min_effect=MARGIN,
-                min_effect_why=_MARGIN_WHY, family=ROBUST_FAMILY, paired=True,
-                control=f"experts_carry_weight_{arch}_last2",
-            ))
-    out.append(Claim(
-        id="every2_beats_last2_vit", claim=f"ViT: Every-2 is more accurate than Last-2 (by at least {SLIGHT:g} point)",
-        source=_SWEET + ": 'Every-2 is slightly better for ViT'", contrast="vit_every2 vs vit_last2", test="paired_t",
-        min_effect=SLIGHT, min_effect_why="'slightly better': the low end (0.3 point) of the papers' effects",
-        family=EVERY2_FAMILY, paired=True, control="experts_carry_weight_vit_last2",
-    ))
-    out.append(Claim(
-        id="every2_equivalent_last2_vit", claim=f"ViT: Every-2 and Last-2 are equivalent within ±{MARGIN:g} point",
-        source=_SWEET + ": 'slightly' better is also consistent with equivalence at a small margin",
-        contrast="vit_every2 vs vit_last2", test="tost", min_effect=MARGIN, min_effect_why=_MARGIN_WHY,
-        family=EVERY2_FAMILY, paired=True, control="experts_carry_weight_vit_last2",
-    ))
-    sizes = [(f"{SMALL}_last2", f"{SMALL}_dense", "smaller ViT (chapter 0's depth 4), Last-2 = Every-2",
-              f"experts_carry_weight_{SMALL}_last2"),
-             ("vit_last2", "vit_dense", "larger ViT (depth 6), Last-2", "experts_carry_weight_vit_last2"),
-             ("vit_every2", "vit_dense", "larger ViT (depth 6), Every-2", "experts_carry_weight_vit_every2")]
-    for moe, dense, what, control in sizes:
-        out.append(Claim(
-            id=f"moe_effective_{moe}", claim=f"{what}: the MoE model beats the dense ViT of equal activated FLOPs",
-            source=_SWEET + ": MoE helps tiny and small models; both placements remain effective as size grows",
-            contrast=f"{moe} vs {dense}", test="paired_t", min_effect=GAIN_MIN_EFFECT,
-            min_effect_why="the sweet-spot study's +0.5 to +1 point for tiny models; the low end",
-            family=SIZE_FAMILY, paired=True, control=control,
-        ))
-    return out
+# ----------------------------------------------------------------------------------- the sweep
+def _arch_of(run_name: str) -> str:
+    """The key of a run's seeds in a preset's ``seeds_by_arch``: ``convnext``, ``vit`` or :data:`SMALL`."""
+    if run_name.startswith(SMALL):
+        return SMALL
+    return "convnext" if run_name.startswith("convnext") else "vit"
 
 
-def _preset_of(results: ChapterResults) -> str:
-    return results.preset if results.preset in PRESETS else "cpu"
+def _display_order() -> list[str]:
+    names = [f"{arch}_{tag}" for arch in ARCHITECTURES for tag in (*PLACEMENTS, "dense")]
+    return names + [f"{SMALL}_last2", f"{SMALL}_dense"]
 
 
-def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
-    """Each declared claim's test on the stored runs (``None`` where its runs are missing)."""
-    groups = results.by_name()
-    out: dict[str, TestResult | None] = {}
-    for claim in claims(_preset_of(results)):
-        a, b = claim.contrast.split(" vs ")
-        if claim.test == "mcnemar":
-            runs = sorted(groups.get(a, []), key=lambda r: r.seed)
-            ok = runs and all(r.record.get("moe_bypass") and r.record.get("predictions") for r in runs)
-            out[claim.id] = (mcnemar(np.stack([correct_of(r) for r in runs]), np.stack([bypass_correct_of(r) for r in runs]))
-                             if ok else None)
-            continue
-        va, vb = results.paired(a, b)
-        if len(va) < 2:
-            out[claim.id] = None
-        elif claim.test == "noninferiority":
-            out[claim.id] = noninferiority(va, vb, margin=claim.min_effect, paired=True)
-        elif claim.test == "tost":
-            out[claim.id] = tost(va, vb, margin=claim.min_effect, paired=True)
-        else:
-            out[claim.id] = paired_t(va, vb)
-    return out
+# ----------------------------------------------------------------------------------- placements
+def _blocks(model: str, model_kwargs: Mapping[str, Any]) -> tuple[int, list[int] | None]:
+    """(number of blocks, ConvNeXt stage depths or None) of a dense model name, without building it."""
+    from ..models.dense import DENSE_CONVNEXT_SIZES, DENSE_VIT_SIZES
+
+    if model in DENSE_VIT_SIZES:
+        return int(model_kwargs.get("depth", DENSE_VIT_SIZES[model]["depth"])), None
+    depths = list(model_kwargs.get("depths", DENSE_CONVNEXT_SIZES[model]["depths"]))
+    return sum(depths), depths
 
 
-def verdicts(results: ChapterResults, *, write: bool = True) -> list[VerdictRecord]:
-    """The chapter's claims decided by the book's rule (:mod:`vmoe_lib.stats`), written to ``verdicts.json``."""
-    out = decide_family(claims(_preset_of(results)), test_results(results))
-    if write:
-        write_verdict_records(out, results.verdicts_path())
-    return out
+# ----------------------------------------------------------------------------------- tables
+def _epoch_minutes(r) -> float:
+    h = r.history
+    return float(np.mean([e["epoch_seconds"] for e in h])) / 60 if h else float("nan")
 
 
-def robustness_verdict(records: Sequence[VerdictRecord]) -> tuple[str, str]:
-    """Claim (a)'s verdict from its 8 non-inferiority verdicts, by the pre-registered rule of :func:`claims`:
-    reproduced if all are, not reproduced if any is not, inconclusive otherwise (not testable if any is)."""
-    parts = {r.claim_id: r.verdict for r in records if r.family == ROBUST_FAMILY}
-    if not parts:
-        return "inconclusive", "no non-inferiority claim was decided"
-    counts = {v: sum(1 for x in parts.values() if x == v) for v in set(parts.values())}
-    summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
-    if "not reproduced" in counts:
-        bad = [k.removeprefix("last2_noninferior_") for k, v in parts.items() if v == "not reproduced"]
-        return "not reproduced", f"Last-2 is worse by more than {MARGIN:g} point than: {', '.join(bad)} ({summary})"
-    if "not testable" in counts:
-        return "not testable", f"a positive control failed ({summary})"
-    if counts.get("reproduced", 0) == len(parts):
-        return "reproduced", f"all {len(parts)} non-inferiority claims reproduced"
-    return "inconclusive", f"of the {len(parts)} non-inferiority claims: {summary}"
+def _moe_blocks(config: TrainConfig) -> list[int]:
+    kwargs = dict(config.model_kwargs or {})
+    depth, _ = _blocks(config.model.removeprefix("vmoe_"), kwargs)
+    return resolve_moe_layers(kwargs["moe_layers"], depth)
 
 
-# ----------------------------------------------------------------------------------- power
-PRIMARY = ("last2_noninferior_vit_every2", "every2_beats_last2_vit", "last2_noninferior_convnext_every2")
-
-
-def power_frame(results: ChapterResults, target: float = MARGIN) -> pd.DataFrame:
-    """The chapter's power table: for each seed-paired contrast of its claims, the sd of the per-seed differences
-    measured here and the MDE (points, one-sided alpha 0.05, 80 % power) at several seed counts."""
-    sds: dict[str, tuple[float, bool]] = {}
-    tests = test_results(results)
-    for claim in claims(_preset_of(results)):
-        r = tests.get(claim.id) if claim.test != "mcnemar" else None
-        if r is not None and "sd_diff" in r.detail and claim.contrast not in sds:
-            sds[claim.contrast] = (float(r.detail["sd_diff"]), True)
-    return power_table(sds, target=target) if sds else pd.DataFrame()
-
-
-def power_note(results: ChapterResults, target: float = MARGIN) -> str:
-    """Markdown: each architecture's primary contrast's MDE at this sweep's seeds, the seeds an MDE of ``target``
-    needs at the measured sd, and what that would cost at this sweep's measured minutes per seed."""
-    from ..stats import mde, seeds_for_mde
-
-    tests = test_results(results)
-    lines = []
-    for claim_id in PRIMARY:
-        r = tests.get(claim_id)
-        if r is None or "sd_diff" not in r.detail:
-            lines.append(f"* `{claim_id}`: too few seeds here to measure its spread.")
-            continue
-        arch = "convnext" if "convnext" in claim_id else "vit"
-        runs = [x for x in results.results if _arch_of(x.name) == arch]
-        mine = [x for x in _own(results) if x in runs]
-        seeds = {x.seed for x in mine} or {0}
-        per_seed = sum(float(x.record.get("wall_time_s", 0.0)) for x in mine) / 60 / len(seeds)
-        sd, n = float(r.detail["sd_diff"]), int(r.n)
-        need = seeds_for_mde(sd, target, paired=True)
-        verdict = "meets" if mde(sd, n, paired=True) <= target else "misses"
-        verdict = f"{verdict} the {target:g}-point goal"
-        cost = (f"{need} seeds, about {need * per_seed / 2:.0f} min on 2 workers at {per_seed:.0f} CPU-min per seed of "
-                f"its architecture's runs" if need is not None else "more than 200 seeds")
-        lines.append(f"* `{claim_id}`: MDE {mde(sd, n, paired=True):.2f} points with {n} seeds (sd of the paired "
-                     f"differences {sd:.2f}); it {verdict}, which needs {cost}.")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -592,166 +162,369 @@ def _band(ax, values: np.ndarray, label: str) -> None:
     ax.axhline(values.mean(), color="0.4", ls="--", lw=1, label=label)
 
 
-def plot_accuracy(results: ChapterResults):
-    """Test accuracy per placement, one panel per architecture: seeds as points, mean ± std as a diamond, the
-    dense model (equal activated FLOPs) as a band (mean ± std)."""
-    style()
-    groups = results.by_name()
-    fig, axes = plt.subplots(len(ARCHITECTURES), 1, figsize=(7.2, 8.0))
-    for ax, arch in zip(axes, ARCHITECTURES):
-        dense = np.array(results.values(f"{arch}_dense")) * 100
-        if dense.size:
-            _band(ax, dense, f"dense, same activated FLOPs ({dense.mean():.2f}%, band ± 1 sd)")
-        tags = [t for t in PLACEMENTS if f"{arch}_{t}" in groups]
-        for i, tag in enumerate(tags):
-            ys = np.array(results.values(f"{arch}_{tag}")) * 100
-            jitter = np.linspace(-0.08, 0.08, ys.size) if ys.size > 1 else np.zeros(1)
-            ax.scatter(i + jitter, ys, color=_color(i), alpha=0.6, s=24)
-            ax.errorbar(i + 0.25, ys.mean(), yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="D", color=_color(i),
-                        capsize=4)
-        ax.set_xticks(range(len(tags)), [LABELS[t] for t in tags])
-        ax.set_ylabel("test accuracy (%)")
-        seeds = len(groups[f"{arch}_{tags[0]}"]) if tags else 0
-        ax.set_title(f"{ARCH_LABELS[arch]} ({seeds} seeds; points: seeds, diamond: mean ± sd)")
-        if dense.size:
-            ax.legend(loc="lower right", fontsize=9)
-    fig.tight_layout()
-    return fig
+class Placement(Chapter):
+    """Chapter 2: where to put the MoE layers, in a ViT and a ConvNeXt (see the module's docstring)."""
 
+    name = NAME
+    title = "Where to put the MoE layers"
+    presets = PRESETS
+    primary = ("last2_noninferior_vit_every2", "every2_beats_last2_vit", "last2_noninferior_convnext_every2")
+    power_target = MARGIN
 
-def plot_gain_vs_activated(results: ChapterResults):
-    """Accuracy gain over the dense model (paired by seed, mean ± sd) against activated parameters per token,
-    for every placement of both architectures and the smaller ViT."""
-    style()
-    table = summary_table(results.results)
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
-    markers = {"vit": "o", "convnext": "s", SMALL: "^"}
-    series = [(arch, f"{arch}_dense", [f"{arch}_{t}" for t in PLACEMENTS]) for arch in ARCHITECTURES]
-    series.append((SMALL, f"{SMALL}_dense", [f"{SMALL}_last2"]))
-    for arch, dense, names in series:
-        for name in names:
-            a, b = results.paired(name, dense)
-            if len(a) < 1 or name not in table.index:
-                continue
-            gain = (np.array(a) - np.array(b)) * 100
-            tag = name.rsplit("_", 1)[-1]
-            color = _color(list(PLACEMENTS).index(tag))
-            # Placements of one model activate (almost) the same parameters: spread them a little sideways.
-            x = table.loc[name, "params_activated"] / 1e3 * 1.04 ** (list(PLACEMENTS).index(tag) - 2)
-            ax.errorbar(x, gain.mean(), yerr=gain.std(ddof=1) if gain.size > 1 else None, fmt=markers[arch],
-                        color=color, capsize=3, ms=7, mfc=color if arch != SMALL else "white")
-    ax.axhline(0, color="0.4", lw=1, ls="--")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
-    ax.set_xlabel("activated parameters per token (thousands, log scale)")
-    ax.set_ylabel("gain over dense (points)")
-    ax.set_title("MoE gain over the dense model of equal activated FLOPs (paired by seed)")
-    from matplotlib.lines import Line2D
-    handles = [Line2D([], [], color=_color(i), marker="o", ls="", label=LABELS[t]) for i, t in enumerate(PLACEMENTS)]
-    handles += [Line2D([], [], color="0.3", marker=m, ls="", mfc="white" if k == SMALL else "0.3",
-                       label={"vit": "ViT depth 6", "convnext": "ConvNeXt", SMALL: "ViT depth 4"}[k] if _preset_of(results) != "gpu"
-                       else {"vit": "ViT (larger)", "convnext": "ConvNeXt", SMALL: "ViT (smaller)"}[k])
-                for k, m in markers.items()]
-    ax.legend(handles=handles, ncol=4, fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
+    def runs(self, preset: Preset) -> list[Run]:
+        """Runs ``<arch>_<placement>`` for each architecture and placement, ``<arch>_dense`` (the dense model at equal
+        activated FLOPs: ``k = 1`` with experts the size of the dense MLP), and claim (c)'s smaller ViT,
+        ``vit_small_dense`` and ``vit_small_last2``; costlier runs first. The dense ConvNeXt and the smaller ViT's runs
+        are chapter 0's where it has them (the same config and seeds): read from its results, never trained twice.
+        Every run this chapter trains carries the routing-statistics probe (:meth:`probe`)."""
+        s = preset.settings
+        recipe = preset_recipe(s, ("vit", "convnext", "small", "seeds_by_arch", "probe_images"))
+        probe = self.probe(preset)
+        by_arch = s["seeds_by_arch"]
 
+        def seeds(name: str) -> tuple[int, ...] | None:
+            return tuple(by_arch[_arch_of(name)]) if _arch_of(name) in by_arch else None
 
-def _at_training_capacity(r) -> dict[str, dict[str, Any]]:
-    """The routing statistics the probe measured at the training capacity factor (``{}`` if not measured)."""
-    at = (r.record.get("extra") or {}).get("routing_at_capacity", {})
-    return at.get(f"{float(TEST_BED_MOE['capacity_factor']):g}", {}).get("routing", {})
+        out: list[Run] = []
+        for arch in ("convnext", "vit"):
+            dense, kwargs = s[arch]
+            for tag in _COST_ORDER:
+                name = f"{arch}_{tag}"
+                out.append(Run(name, recipe(f"vmoe_{dense}", {**kwargs, "moe_layers": PLACEMENTS[tag], **TEST_BED_MOE}),
+                               seeds(name), probe=probe))
+            name = f"{arch}_dense"
+            if arch == "convnext":
+                out.append(Run(name, recipe(dense, dict(kwargs)), seeds(name), borrow_from="dense_baselines"))
+            else:
+                out.append(Run(name, recipe(dense, dict(kwargs)), seeds(name), probe=probe))
+        small, kwargs = s["small"]
+        out.append(Run(f"{SMALL}_last2", recipe(f"vmoe_{small}", {**kwargs, "moe_layers": "last-2", **TEST_BED_MOE}),
+                       seeds(f"{SMALL}_last2"), borrow_from="dense_baselines"))
+        out.append(Run(f"{SMALL}_dense", recipe(small, dict(kwargs)), seeds(f"{SMALL}_dense"), borrow_from="dense_baselines"))
+        return out
 
+    def probe(self, preset: Preset) -> RoutingStatsProbe:
+        """The routing-statistics probe: the routing at the trained inference setting (capacity factor 8 = E: nothing
+        dropped) and at the training capacity factor 1.0, where the experts' capacity drops tokens as in training."""
+        return RoutingStatsProbe(probe_images=preset.settings["probe_images"],
+                                 capacity_factors=(float(TEST_BED_MOE["capacity_factor"]),))
 
-def plot_routing(results: ChapterResults):
-    """Per architecture, placement and MoE block (mean over seeds, test set): tokens dropped at the training
-    capacity factor, the experts' load imbalance (CV) and the gate entropy."""
-    style()
-    groups = results.by_name()
-    cf = float(TEST_BED_MOE["capacity_factor"])
-    panels = [("dropped", f"tokens dropped at capacity factor {cf:g} (%)"),
-              ("cv", "expert load CV (0 = balanced)"), ("entropy", "gate entropy (nats)")]
-    fig, axes = plt.subplots(len(panels), len(ARCHITECTURES), figsize=(7.2, 9.6), squeeze=False)
-    for col, arch in enumerate(ARCHITECTURES):
-        for i, tag in enumerate(PLACEMENTS):
-            runs = groups.get(f"{arch}_{tag}", [])
-            if not runs or not _routing_of(runs[0]):
-                continue
-            names = list(_routing_of(runs[0]))
-            blocks = [_routing_of(runs[0])[n]["layer"] for n in names]
-            values = {
-                "dropped": [np.mean([_at_training_capacity(r).get(n, {}).get("dropped_fraction", np.nan) for r in runs]) * 100
-                            for n in names],
-                "cv": [np.mean([_cv(_routing_of(r)[n]["expert_load"]) for r in runs]) for n in names],
-                "entropy": [np.mean([_routing_of(r)[n].get("gate_entropy", np.nan) for r in runs]) for n in names],
+    def display_order(self, names):
+        """Placements in the chapter's order, each architecture's dense model after them, then the smaller ViT."""
+        order = {name: i for i, name in enumerate(_display_order())}
+        return sorted(names, key=lambda n: order.get(n, len(order)))
+
+    def placement_layers(self, preset: str) -> dict[str, dict[str, Any]]:
+        """Per architecture of the preset: its dense model, number of blocks, stage depths and each placement's
+        MoE blocks (0-based, numbered across stages)."""
+        s = self.preset(preset).settings
+        out = {}
+        for arch in ARCHITECTURES:
+            model, kwargs = s[arch]
+            depth, stages = _blocks(model, kwargs)
+            out[arch] = {"model": model, "depth": depth, "stages": stages,
+                         "layers": {tag: resolve_moe_layers(strategy, depth) for tag, strategy in PLACEMENTS.items()}}
+        return out
+
+    def plot_placements(self, preset: str = "cpu"):
+        """Block diagram: which blocks are MoE (filled) in each placement, for each architecture."""
+        style()
+        info = self.placement_layers(preset)
+        fig, axes = plt.subplots(len(info), 1, figsize=(7.2, 1.0 + 1.45 * len(info)))
+        for ax, (arch, d) in zip(np.atleast_1d(axes), info.items()):
+            depth = d["depth"]
+            for row, (tag, layers) in enumerate(d["layers"].items()):
+                y = len(d["layers"]) - 1 - row
+                for b in range(depth):
+                    moe = b in layers
+                    ax.add_patch(Rectangle((b + 0.08, y + 0.12), 0.84, 0.76, facecolor=_color(0) if moe else "white",
+                                           edgecolor="0.3", lw=1))
+                    if moe:
+                        ax.text(b + 0.5, y + 0.5, "MoE", ha="center", va="center", color="white", fontsize=7)
+                ax.text(-0.2, y + 0.5, LABELS[tag], ha="right", va="center", fontsize=9)
+            if d["stages"]:
+                start = 0
+                for i, n in enumerate(d["stages"]):
+                    if i:
+                        ax.axvline(start, color="0.5", ls="--", lw=1)
+                    ax.text(start + n / 2, len(d["layers"]) + 0.15, f"stage {i}", ha="center", va="bottom", fontsize=8)
+                    start += n
+            ax.set_xlim(-2.2, depth + 0.1)
+            ax.set_ylim(-0.1, len(d["layers"]) + 0.7)
+            ax.set_xticks(np.arange(depth) + 0.5, [str(b) for b in range(depth)], fontsize=8)
+            ax.set_yticks([])
+            for side in ("left", "right", "top"):
+                ax.spines[side].set_visible(False)
+            ax.set_xlabel(f"block (0-based) of {d['model']}, {depth} blocks")
+            ax.set_title(f"{ARCH_LABELS[arch]}: MoE blocks per placement (filled)", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def placement_table(self, results: ChapterResults) -> pd.DataFrame:
+        """Per run: MoE blocks, parameters (total, activated), FLOPs, minutes per epoch, the positive control
+        (accuracy with the MoE layers bypassed) and test accuracy (mean ± std over seeds)."""
+        table = summary_table(results.results)
+        rows = {}
+        for name, runs in results.by_name().items():
+            first, t = runs[0], table.loc[name]
+            moe = (first.config.model_kwargs or {}).get("moe_layers")
+            rows[name] = {
+                "placement": LABELS.get(name.rsplit("_", 1)[-1], name), "model": first.config.model.removeprefix("vmoe_"),
+                "MoE blocks": str(_moe_blocks(first.config)) if moe else "—",
+                "params (k)": round(t["params_total"] / 1e3, 1),
+                "activated params (k)": round(t["params_activated"] / 1e3, 1),
+                "MFLOPs / image": round(t["flops_per_image"] / 1e6, 2),
+                "min / epoch": round(float(np.mean([_epoch_minutes(r) for r in runs])), 2),
+                "MoE bypassed (%)": (mean_sd_text([r.record["moe_bypass"]["accuracy"] for r in runs])
+                                     if all(r.record.get("moe_bypass") for r in runs) else "—"),
+                "test acc. (%)": mean_sd_text([r.final["test_accuracy"] for r in runs]),
+                "seeds": len(runs),
             }
-            for row, (key, _) in enumerate(panels):
-                axes[row, col].plot(blocks, values[key], marker="o", ms=5, color=_color(i), label=LABELS[tag])
-        E = TEST_BED_MOE["num_experts"]
-        axes[2, col].axhline(np.log(E), color="0.5", ls="--", lw=1)
-        for row, (_, title) in enumerate(panels):
-            axes[row, col].set_title(f"{ARCH_LABELS[arch]}: {title}", fontsize=9)
-            axes[row, col].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        axes[-1, col].set_xlabel("block")
-    axes[0, 0].set_ylabel("dropped (%)")
-    axes[1, 0].set_ylabel("CV of expert loads")
-    axes[2, 0].set_ylabel(f"nats (dashed: log {TEST_BED_MOE['num_experts']})")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=5, fontsize=9, bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 0.965))
-    return fig
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def claims(self, preset: str) -> list[Claim]:
+        """The chapter's claims, declared before any result is read.
+
+        How claim (a), "Last-2 is the most robust placement across architectures", is decided (pre-registered):
+        for each architecture and each other placement P, one non-inferiority claim "Last-2 is not worse than P by
+        :data:`MARGIN` points or more" (paired by seed, Holm-corrected over the 8 in family :data:`ROBUST_FAMILY`).
+        Claim (a) is reproduced when all 8 are, not reproduced when any is, inconclusive otherwise
+        (:meth:`robustness_verdict`). Why this and not the best mean rank: a rank ignores how far apart placements
+        are, and with a few seeds the ranks of placements within noise of each other are a coin toss; the margin
+        says what "meaningfully worse" means in points, and each test says whether the data can tell.
+
+        Claim (b) is two claims: Every-2 above Last-2 by at least :data:`SLIGHT` points ("slightly": the smallest
+        effect of interest is the low end of the papers' effects), and Every-2 equivalent to Last-2 within
+        :data:`MARGIN` (TOST). Claim (c) is one claim per (size, placement): MoE beats the dense ViT of equal
+        activated FLOPs by at least :data:`GAIN_MIN_EFFECT`; at depth 4 Every-2 and Last-2 are the same model.
+
+        Every claim depends on a positive control: bypassing the MoE layers of the Last-2 model (of the claim's
+        architecture and size) costs at least :data:`CONTROL_MIN_EFFECT` point; without it, placements would
+        agree only because the experts carry nothing. Each MoE run has its own control in the table.
+        """
+        self.preset(preset)
+        out: list[Claim] = []
+        runs = [f"{arch}_{tag}" for arch in ARCHITECTURES for tag in PLACEMENTS] + [f"{SMALL}_last2"]
+        for run_name in runs:
+            out.append(Claim(
+                id=f"experts_carry_weight_{run_name}",
+                claim=f"Bypassing every MoE layer of {run_name} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
+                source="positive control: the weight the experts carry", contrast=f"{run_name} vs {run_name} with MoE bypassed",
+                test="mcnemar", min_effect=CONTROL_MIN_EFFECT,
+                min_effect_why="placement effects are 0.3-1 point; experts that carry less than 1 point cannot show them",
+                family=CONTROL_FAMILY, paired=True, measure=Bypassed(run_name),
+            ))
+        for arch in ARCHITECTURES:
+            for tag in PLACEMENTS:
+                if tag == "last2":
+                    continue
+                out.append(Claim(
+                    id=f"last2_noninferior_{arch}_{tag}",
+                    claim=f"{ARCH_LABELS[arch]}: Last-2 is not worse than {LABELS[tag]} by {MARGIN:g} point or more",
+                    source=_SWEET + ": 'Last-2 is the most robust placement across architectures'",
+                    contrast=f"{arch}_last2 vs {arch}_{tag}", test="noninferiority", min_effect=MARGIN,
+                    min_effect_why=_MARGIN_WHY, family=ROBUST_FAMILY, paired=True,
+                    control=f"experts_carry_weight_{arch}_last2", measure=SeedPaired(f"{arch}_last2", f"{arch}_{tag}"),
+                ))
+        out.append(Claim(
+            id="every2_beats_last2_vit", claim=f"ViT: Every-2 is more accurate than Last-2 (by at least {SLIGHT:g} point)",
+            source=_SWEET + ": 'Every-2 is slightly better for ViT'", contrast="vit_every2 vs vit_last2", test="paired_t",
+            min_effect=SLIGHT, min_effect_why="'slightly better': the low end (0.3 point) of the papers' effects",
+            family=EVERY2_FAMILY, paired=True, control="experts_carry_weight_vit_last2",
+            measure=SeedPaired("vit_every2", "vit_last2"),
+        ))
+        out.append(Claim(
+            id="every2_equivalent_last2_vit", claim=f"ViT: Every-2 and Last-2 are equivalent within ±{MARGIN:g} point",
+            source=_SWEET + ": 'slightly' better is also consistent with equivalence at a small margin",
+            contrast="vit_every2 vs vit_last2", test="tost", min_effect=MARGIN, min_effect_why=_MARGIN_WHY,
+            family=EVERY2_FAMILY, paired=True, control="experts_carry_weight_vit_last2",
+            measure=SeedPaired("vit_every2", "vit_last2"),
+        ))
+        sizes = [(f"{SMALL}_last2", f"{SMALL}_dense", "smaller ViT (chapter 0's depth 4), Last-2 = Every-2",
+                  f"experts_carry_weight_{SMALL}_last2"),
+                 ("vit_last2", "vit_dense", "larger ViT (depth 6), Last-2", "experts_carry_weight_vit_last2"),
+                 ("vit_every2", "vit_dense", "larger ViT (depth 6), Every-2", "experts_carry_weight_vit_every2")]
+        for moe, dense, what, control in sizes:
+            out.append(Claim(
+                id=f"moe_effective_{moe}", claim=f"{what}: the MoE model beats the dense ViT of equal activated FLOPs",
+                source=_SWEET + ": MoE helps tiny and small models; both placements remain effective as size grows",
+                contrast=f"{moe} vs {dense}", test="paired_t", min_effect=GAIN_MIN_EFFECT,
+                min_effect_why="the sweet-spot study's +0.5 to +1 point for tiny models; the low end",
+                family=SIZE_FAMILY, paired=True, control=control, measure=SeedPaired(moe, dense),
+            ))
+        return out
+
+    def robustness_verdict(self, records: Sequence[VerdictRecord]) -> tuple[str, str]:
+        """Claim (a)'s verdict from its 8 non-inferiority verdicts, by the pre-registered rule of :func:`claims`:
+        reproduced if all are, not reproduced if any is not, inconclusive otherwise (not testable if any is)."""
+        parts = {r.claim_id: r.verdict for r in records if r.family == ROBUST_FAMILY}
+        if not parts:
+            return "inconclusive", "no non-inferiority claim was decided"
+        counts = {v: sum(1 for x in parts.values() if x == v) for v in set(parts.values())}
+        summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+        if "not reproduced" in counts:
+            bad = [k.removeprefix("last2_noninferior_") for k, v in parts.items() if v == "not reproduced"]
+            return "not reproduced", f"Last-2 is worse by more than {MARGIN:g} point than: {', '.join(bad)} ({summary})"
+        if "not testable" in counts:
+            return "not testable", f"a positive control failed ({summary})"
+        if counts.get("reproduced", 0) == len(parts):
+            return "reproduced", f"all {len(parts)} non-inferiority claims reproduced"
+        return "inconclusive", f"of the {len(parts)} non-inferiority claims: {summary}"
+
+    def plot_accuracy(self, results: ChapterResults):
+        """Test accuracy per placement, one panel per architecture: seeds as points, mean ± std as a diamond, the
+        dense model (equal activated FLOPs) as a band (mean ± std)."""
+        style()
+        groups = results.by_name()
+        fig, axes = plt.subplots(len(ARCHITECTURES), 1, figsize=(7.2, 8.0))
+        for ax, arch in zip(axes, ARCHITECTURES):
+            dense = np.array(results.values(f"{arch}_dense")) * 100
+            if dense.size:
+                _band(ax, dense, f"dense, same activated FLOPs ({dense.mean():.2f}%, band ± 1 sd)")
+            tags = [t for t in PLACEMENTS if f"{arch}_{t}" in groups]
+            for i, tag in enumerate(tags):
+                ys = np.array(results.values(f"{arch}_{tag}")) * 100
+                jitter = np.linspace(-0.08, 0.08, ys.size) if ys.size > 1 else np.zeros(1)
+                ax.scatter(i + jitter, ys, color=_color(i), alpha=0.6, s=24)
+                ax.errorbar(i + 0.25, ys.mean(), yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="D", color=_color(i),
+                            capsize=4)
+            ax.set_xticks(range(len(tags)), [LABELS[t] for t in tags])
+            ax.set_ylabel("test accuracy (%)")
+            seeds = len(groups[f"{arch}_{tags[0]}"]) if tags else 0
+            ax.set_title(f"{ARCH_LABELS[arch]} ({seeds} seeds; points: seeds, diamond: mean ± sd)")
+            if dense.size:
+                ax.legend(loc="lower right", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    def plot_gain_vs_activated(self, results: ChapterResults):
+        """Accuracy gain over the dense model (paired by seed, mean ± sd) against activated parameters per token,
+        for every placement of both architectures and the smaller ViT."""
+        style()
+        table = summary_table(results.results)
+        fig, ax = plt.subplots(figsize=(7.2, 4.6))
+        markers = {"vit": "o", "convnext": "s", SMALL: "^"}
+        series = [(arch, f"{arch}_dense", [f"{arch}_{t}" for t in PLACEMENTS]) for arch in ARCHITECTURES]
+        series.append((SMALL, f"{SMALL}_dense", [f"{SMALL}_last2"]))
+        for arch, dense, names in series:
+            for name in names:
+                a, b = results.paired(name, dense)
+                if len(a) < 1 or name not in table.index:
+                    continue
+                gain = (np.array(a) - np.array(b)) * 100
+                tag = name.rsplit("_", 1)[-1]
+                color = _color(list(PLACEMENTS).index(tag))
+                # Placements of one model activate (almost) the same parameters: spread them a little sideways.
+                x = table.loc[name, "params_activated"] / 1e3 * 1.04 ** (list(PLACEMENTS).index(tag) - 2)
+                ax.errorbar(x, gain.mean(), yerr=gain.std(ddof=1) if gain.size > 1 else None, fmt=markers[arch],
+                            color=color, capsize=3, ms=7, mfc=color if arch != SMALL else "white")
+        ax.axhline(0, color="0.4", lw=1, ls="--")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+        ax.set_xlabel("activated parameters per token (thousands, log scale)")
+        ax.set_ylabel("gain over dense (points)")
+        ax.set_title("MoE gain over the dense model of equal activated FLOPs (paired by seed)")
+        from matplotlib.lines import Line2D
+        handles = [Line2D([], [], color=_color(i), marker="o", ls="", label=LABELS[t]) for i, t in enumerate(PLACEMENTS)]
+        handles += [Line2D([], [], color="0.3", marker=m, ls="", mfc="white" if k == SMALL else "0.3",
+                           label={"vit": "ViT depth 6", "convnext": "ConvNeXt", SMALL: "ViT depth 4"}[k] if self.preset_of(results) != "gpu"
+                           else {"vit": "ViT (larger)", "convnext": "ConvNeXt", SMALL: "ViT (smaller)"}[k])
+                    for k, m in markers.items()]
+        ax.legend(handles=handles, ncol=4, fontsize=8, loc="best")
+        fig.tight_layout()
+        return fig
+
+    def plot_routing(self, results: ChapterResults):
+        """Per architecture, placement and MoE block (mean over seeds, test set): tokens dropped at the training
+        capacity factor, the experts' load imbalance (CV) and the gate entropy."""
+        style()
+        groups = results.by_name()
+        cf = float(TEST_BED_MOE["capacity_factor"])
+        panels = [("dropped", f"tokens dropped at capacity factor {cf:g} (%)"),
+                  ("cv", "expert load CV (0 = balanced)"), ("entropy", "gate entropy (nats)")]
+        fig, axes = plt.subplots(len(panels), len(ARCHITECTURES), figsize=(7.2, 9.6), squeeze=False)
+        for col, arch in enumerate(ARCHITECTURES):
+            for i, tag in enumerate(PLACEMENTS):
+                runs = groups.get(f"{arch}_{tag}", [])
+                if not runs or not routing_of(runs[0]):
+                    continue
+                names = list(routing_of(runs[0]))
+                blocks = [routing_of(runs[0])[n]["layer"] for n in names]
+                values = {
+                    "dropped": [np.mean([routing_at(r, float(TEST_BED_MOE["capacity_factor"])).get(n, {}).get("dropped_fraction", np.nan) for r in runs]) * 100
+                                for n in names],
+                    "cv": [np.mean([load_cv(routing_of(r)[n]["expert_load"]) for r in runs]) for n in names],
+                    "entropy": [np.mean([routing_of(r)[n].get("gate_entropy", np.nan) for r in runs]) for n in names],
+                }
+                for row, (key, _) in enumerate(panels):
+                    axes[row, col].plot(blocks, values[key], marker="o", ms=5, color=_color(i), label=LABELS[tag])
+            E = TEST_BED_MOE["num_experts"]
+            axes[2, col].axhline(np.log(E), color="0.5", ls="--", lw=1)
+            for row, (_, title) in enumerate(panels):
+                axes[row, col].set_title(f"{ARCH_LABELS[arch]}: {title}", fontsize=9)
+                axes[row, col].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+            axes[-1, col].set_xlabel("block")
+        axes[0, 0].set_ylabel("dropped (%)")
+        axes[1, 0].set_ylabel("CV of expert loads")
+        axes[2, 0].set_ylabel(f"nats (dashed: log {TEST_BED_MOE['num_experts']})")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=5, fontsize=9, bbox_to_anchor=(0.5, 1.0))
+        fig.tight_layout(rect=(0, 0, 1, 0.965))
+        return fig
+
+    # -- findings ------------------------------------------------------------
+    def findings(self, results: ChapterResults, records: Sequence[VerdictRecord] | None = None) -> str:
+        """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
+        groups = results.by_name()
+        lines: list[str] = []
+        for arch in ARCHITECTURES:
+            tags = [t for t in PLACEMENTS if f"{arch}_{t}" in groups]
+            if not tags:
+                continue
+            ranked = sorted(tags, key=lambda t: -np.mean(results.values(f"{arch}_{t}")))
+            text = " > ".join(f"{LABELS[t]} ({mean_sd_text(results.values(f'{arch}_{t}'))})" for t in ranked)
+            dense = results.values(f"{arch}_dense")
+            tail = f"; dense {mean_sd_text(dense)}" if dense else ""
+            lines.append(f"**{ARCH_LABELS[arch]}**, test accuracy % (mean ± sd over seeds): {text}{tail}.")
+            best, last2 = ranked[0], "last2"
+            if last2 in tags and best != last2:
+                a, b = results.paired(f"{arch}_{last2}", f"{arch}_{best}")
+                if a:
+                    lines.append(f"{ARCH_LABELS[arch]}: Last-2 minus the best placement ({LABELS[best]}) = "
+                                 f"{(np.mean(a) - np.mean(b)) * 100:+.2f} points (paired by seed).")
+        if f"{SMALL}_last2" in groups and f"{SMALL}_dense" in groups:
+            a, b = results.paired(f"{SMALL}_last2", f"{SMALL}_dense")
+            lines.append(f"**Smaller ViT** (chapter 0's depth 4): Last-2 {mean_sd_text(a)} vs dense {mean_sd_text(b)}.")
+        controls = self.control_table(results)
+        if not controls.empty:
+            cost = controls["cost of bypassing (points)"]
+            carry = ", ".join(f"{n} {v:.2f}" for n, v in cost.items())
+            lines.append(f"**Weight the experts carry** (test accuracy lost when every MoE layer is bypassed, points): {carry}. "
+                         f"Placements with more MoE blocks carry more; the control asks for at least {CONTROL_MIN_EFFECT:g}.")
+            weak = [n for n in (f"{a}_last2" for a in ARCHITECTURES) if n in cost.index and cost[n] < CONTROL_MIN_EFFECT]
+            if weak:
+                lines.append(f"Bypassing the Last-2 models' MoE layers costs less than {CONTROL_MIN_EFFECT:g} point in "
+                             f"{', '.join(weak)}: the claims that compare Last-2 with other placements depend on that "
+                             f"control, so the verdicts decide them only where it holds (see the verdict table).")
+        last = {}
+        for arch in ARCHITECTURES:
+            for tag in PLACEMENTS:
+                for r in groups.get(f"{arch}_{tag}", []):
+                    for layer in routing_of(r).values():
+                        last.setdefault((arch, layer["layer"]), []).append(layer.get("gate_entropy", np.nan))
+        if ("convnext", 9) in last:
+            final = np.nanmean(last[("convnext", 9)])
+            others = np.nanmean([np.nanmean(v) for (a, b), v in last.items() if a == "convnext" and b < 8])
+            E = TEST_BED_MOE["num_experts"]
+            lines.append(f"**ConvNeXt's last block** (one position per image): its router's gate entropy is {final:.2f} nats "
+                         f"(log {E} = {np.log(E):.2f}: uniform), against {others:.2f} in stages 0-2: there the router tells "
+                         f"the experts almost nothing apart.")
+        if records is not None:
+            verdict, why = self.robustness_verdict(records)
+            lines.append(f"**Claim (a), Last-2 the most robust placement:** {verdict} ({why}).")
+        return "\n".join(f"* {line}" for line in lines)
 
 
-# ----------------------------------------------------------------------------------- findings
-def findings(results: ChapterResults, records: Sequence[VerdictRecord] | None = None) -> str:
-    """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
-    groups = results.by_name()
-    lines: list[str] = []
-    for arch in ARCHITECTURES:
-        tags = [t for t in PLACEMENTS if f"{arch}_{t}" in groups]
-        if not tags:
-            continue
-        ranked = sorted(tags, key=lambda t: -np.mean(results.values(f"{arch}_{t}")))
-        text = " > ".join(f"{LABELS[t]} ({mean_sd_text(results.values(f'{arch}_{t}'))})" for t in ranked)
-        dense = results.values(f"{arch}_dense")
-        tail = f"; dense {mean_sd_text(dense)}" if dense else ""
-        lines.append(f"**{ARCH_LABELS[arch]}**, test accuracy % (mean ± sd over seeds): {text}{tail}.")
-        best, last2 = ranked[0], "last2"
-        if last2 in tags and best != last2:
-            a, b = results.paired(f"{arch}_{last2}", f"{arch}_{best}")
-            if a:
-                lines.append(f"{ARCH_LABELS[arch]}: Last-2 minus the best placement ({LABELS[best]}) = "
-                             f"{(np.mean(a) - np.mean(b)) * 100:+.2f} points (paired by seed).")
-    if f"{SMALL}_last2" in groups and f"{SMALL}_dense" in groups:
-        a, b = results.paired(f"{SMALL}_last2", f"{SMALL}_dense")
-        lines.append(f"**Smaller ViT** (chapter 0's depth 4): Last-2 {mean_sd_text(a)} vs dense {mean_sd_text(b)}.")
-    controls = control_table(results)
-    if not controls.empty:
-        cost = controls["cost of bypassing (points)"]
-        carry = ", ".join(f"{n} {v:.2f}" for n, v in cost.items())
-        lines.append(f"**Weight the experts carry** (test accuracy lost when every MoE layer is bypassed, points): {carry}. "
-                     f"Placements with more MoE blocks carry more; the control asks for at least {CONTROL_MIN_EFFECT:g}.")
-        weak = [n for n in (f"{a}_last2" for a in ARCHITECTURES) if n in cost.index and cost[n] < CONTROL_MIN_EFFECT]
-        if weak:
-            lines.append(f"Bypassing the Last-2 models' MoE layers costs less than {CONTROL_MIN_EFFECT:g} point in "
-                         f"{', '.join(weak)}: the claims that compare Last-2 with other placements depend on that "
-                         f"control, so the verdicts decide them only where it holds (see the verdict table).")
-    last = {}
-    for arch in ARCHITECTURES:
-        for tag in PLACEMENTS:
-            for r in groups.get(f"{arch}_{tag}", []):
-                for layer in _routing_of(r).values():
-                    last.setdefault((arch, layer["layer"]), []).append(layer.get("gate_entropy", np.nan))
-    if ("convnext", 9) in last:
-        final = np.nanmean(last[("convnext", 9)])
-        others = np.nanmean([np.nanmean(v) for (a, b), v in last.items() if a == "convnext" and b < 8])
-        E = TEST_BED_MOE["num_experts"]
-        lines.append(f"**ConvNeXt's last block** (one position per image): its router's gate entropy is {final:.2f} nats "
-                     f"(log {E} = {np.log(E):.2f}: uniform), against {others:.2f} in stages 0-2: there the router tells "
-                     f"the experts almost nothing apart.")
-    if records is not None:
-        verdict, why = robustness_verdict(records)
-        lines.append(f"**Claim (a), Last-2 the most robust placement:** {verdict} ({why}).")
-    return "\n".join(f"* {line}" for line in lines)
+chapter = Placement()

@@ -4,12 +4,14 @@ chapter is the same experiment (same results key) when another chapter needs it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..train import TrainConfig
 
-__all__ = ["SMOKE_DATA", "TEST_BED_MOE", "Candidate", "TEST_BED", "TEST_BED_CONVNEXT", "fashion_mnist_recipe", "cifar_recipe", "input_size"]
+__all__ = ["SMOKE_DATA", "TEST_BED_MOE", "Candidate", "TEST_BED", "TEST_BED_CONVNEXT", "fashion_mnist_recipe", "cifar_recipe",
+           "preset_recipe", "input_size"]
 
 # A smoke run touches every code path on a sliver of the data.
 SMOKE_DATA: dict[str, Any] = {"train_subset": 2048, "eval_subset": 1000}
@@ -88,3 +90,23 @@ class Candidate:
 # from the calibration runs of its cpu preset; the chapter's notebook fails if the rule and these disagree.
 TEST_BED = Candidate("vit_pico_all_e3", "vit", "vit_pico_patch7_28", "all", 3)
 TEST_BED_CONVNEXT = Candidate("convnext_zepto_s2every2_e3", "convnext", "convnext_zepto_32", "s2:every-2", 3)
+
+
+def preset_recipe(settings: Mapping[str, Any], chapter_keys: Iterable[str] = ()) -> Callable[..., TrainConfig]:
+    """The recipe a preset's runs share: ``recipe(model, model_kwargs)`` -> :class:`TrainConfig`.
+
+    ``settings["dataset"]`` (default ``fashion_mnist``) picks :func:`fashion_mnist_recipe` or :func:`cifar_recipe`,
+    ``settings["epochs"]`` the training length; every other setting is a ``TrainConfig`` field (``train_subset``...)
+    except the chapter's own ``chapter_keys`` (models, probe settings...), which are left out.
+    """
+    s = {k: v for k, v in settings.items() if k not in set(chapter_keys)}
+    epochs = s.pop("epochs")
+    dataset = s.pop("dataset", "fashion_mnist")
+
+    def recipe(model: str, model_kwargs: Mapping[str, Any] | None = None) -> TrainConfig:
+        kwargs = {} if model_kwargs is None else {"model_kwargs": dict(model_kwargs)}
+        if dataset == "fashion_mnist":
+            return fashion_mnist_recipe(model, epochs=epochs, **kwargs, **s)
+        return cifar_recipe(model, dataset=dataset, epochs=epochs, **kwargs, **s)
+
+    return recipe

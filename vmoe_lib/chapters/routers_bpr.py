@@ -32,7 +32,6 @@ renders without the weights or the dataset.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,22 +41,21 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..analysis import bypass_correct_of, correct_of, mean_sd_text, summary_table
-from ..predictions import unpack_bits
-from ..stats import Claim, TestResult, VerdictRecord, decide_family, mcnemar, paired_t, power_table, write_verdict_records
+from ..analysis import load_cv, mean_sd_text, routing_of, summary_table
 from ..data import BatchLoader, ImageDataset
 from ..layers.stats import moe_layers
 from ..models.moe_utils import set_routing
 from ..plots import _color, style
+from ..predictions import unpack_bits
+from ..stats import Claim, TestResult, mcnemar, paired_t
 from ..train import TrainConfig
+from .base import Bypassed, Chapter, ChapterResults, Measure, Preset, Run, SeedPaired
 from .probes import recorded_eval, routing_record
-from .base import ChapterResults, Preset, preset_frame, run_sweep, select_preset
-from .recipes import SMOKE_DATA, TEST_BED, cifar_recipe, fashion_mnist_recipe
+from .recipes import SMOKE_DATA, TEST_BED, preset_recipe
 
 __all__ = [
-    "NAME", "PRESETS", "ROUTER_RUNS", "RoutingProbe", "experiment", "run", "preset_table", "router_table",
-    "capacity_table", "routing_table", "sweep_frame", "verdicts", "findings",
-    "plot_router_accuracy", "plot_accuracy_vs_time", "plot_load_balance", "plot_capacity_sweep", "plot_dropped_patches",
+    "NAME", "PRESETS", "ROUTER_RUNS", "RoutingProbe", "RoutersBPR", "NoDropVsDense", "CapacityPoints", "chapter",
+    "equal_compute_settings", "probe_for",
 ]
 
 NAME = "routers_bpr"
@@ -136,24 +134,14 @@ def equal_compute_settings(router: str, *, experts: int, group_images: int, toke
     return common
 
 
-def experiment(preset: str) -> dict[str, TrainConfig]:
-    """The sweep of a preset: run name -> config (six routers, the ``k = 2`` model, the dense ViT)."""
-    p = select_preset(PRESETS, preset)
-    s = dict(p.settings)
-    dense = s.pop("dense")
-    placement = {"moe_layers": s.pop("placement")}
-    geometry = {key: s.pop(key) for key in ("experts", "group_images", "tokens_per_image")}
-    epochs = s.pop("epochs")
-    for key in ("sweep", "probe_images"):
-        s.pop(key)
-    dataset = s.pop("dataset", "fashion_mnist")
-
-    def recipe(model: str, model_kwargs: dict[str, Any]) -> TrainConfig:
-        if dataset == "fashion_mnist":
-            return fashion_mnist_recipe(model, epochs=epochs, model_kwargs=model_kwargs, **s)
-        return cifar_recipe(model, dataset=dataset, epochs=epochs, model_kwargs=model_kwargs, **s)
-
-    moe = f"vmoe_{dense}"
+def _configs(preset: Preset) -> dict[str, TrainConfig]:
+    """Run name -> config of a preset: the six routers, the ``k = 2`` model, the dense ViT."""
+    s = preset.settings
+    recipe = preset_recipe(s, ("dense", "placement", "experts", "group_images", "tokens_per_image", "sweep",
+                               "probe_images"))
+    placement = {"moe_layers": s["placement"]}
+    geometry = {key: s[key] for key in ("experts", "group_images", "tokens_per_image")}
+    moe = f"vmoe_{s['dense']}"
     configs = {name: recipe(moe, {**placement, **equal_compute_settings(router, **geometry)})
                for name, router in ROUTER_RUNS.items()}
     configs[K2_RUN] = recipe(moe, {
@@ -161,8 +149,19 @@ def experiment(preset: str) -> dict[str, TrainConfig]:
         "group_size": geometry["group_images"], "k": 2, "capacity_factor": 1.05, "eval_capacity_factor": 1.05,
         "router_options": {"capacity_multiple": 1},
     })
-    configs[DENSE_RUN] = recipe(dense, {})
+    configs[DENSE_RUN] = recipe(s["dense"], {})
     return configs
+
+
+# Claims: smallest effects of interest, families, and the capacity factor the BPR claims read.
+FAMILY = NAME
+ROUTER_MIN_EFFECT = 0.5
+BPR_MIN_EFFECT = 1.0
+COLLAPSE_MIN_EFFECT = 2.0
+CONTROL_MIN_EFFECT = 1.0
+LOW_CAPACITY = 0.5  # the inference capacity factor the BPR and collapse claims are read at
+_ROUTER_WHY = ("the book's smallest effect of interest for a routing choice: the low end of the 0.3-1 point "
+               "effects the papers report at our model sizes (sweet-spot study, arXiv:2411.18322)")
 
 
 # ----------------------------------------------------------------------------------- probe
@@ -275,55 +274,14 @@ class RoutingProbe:
                 "labels": labels.tolist(), "class_names": list(data.class_names), "masks": masks}
 
 
-def probe_for(preset: str) -> RoutingProbe:
+def probe_for(preset: Preset) -> RoutingProbe:
     """The :class:`RoutingProbe` of a preset."""
-    s = select_preset(PRESETS, preset).settings
+    s = preset.settings
     return RoutingProbe(capacity_factors=tuple(s["sweep"]), probe_images=s["probe_images"],
                         bits_capacity_factors=(LOW_CAPACITY, float(max(s["sweep"]))))
 
 
-def run(
-    preset: str = "smoke",
-    seeds: Sequence[int] | None = None,
-    device: str = "auto",
-    overrides: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    **sweep: Any,
-) -> ChapterResults:
-    """Load the preset's results, training whatever is missing (unless results are required).
-
-    Every trained MoE run is measured by the preset's :class:`RoutingProbe`, whose settings enter the results
-    key. The dense run has no probe, so it is the same experiment (same results key) as chapter 0's dense run
-    of the test bed. ``sweep`` holds :func:`~vmoe_lib.chapters.base.run_sweep`'s ``workers``, ``executor`` and
-    ``slurm``.
-    """
-    configs = experiment(preset)
-    moe_names = [n for n in configs if n != DENSE_RUN]
-    moe = run_sweep(NAME, PRESETS, lambda p: {n: experiment(p)[n] for n in moe_names}, preset, seeds=seeds,
-                    device=device, overrides=overrides, progress=progress, **run_options(preset), **sweep)
-    dense = run_sweep(NAME, PRESETS, lambda p: {DENSE_RUN: experiment(p)[DENSE_RUN]}, preset, seeds=seeds,
-                      device=device, overrides=overrides, progress=progress, **sweep)
-    return ChapterResults(NAME, moe.preset, moe.results + dense.results, of_record=moe.of_record and dense.of_record)
-
-
-def run_options(preset: str) -> dict[str, Any]:
-    """What a run needs beyond its config: the preset's probe (``extra_eval``) and its settings (``hash_extra``)."""
-    probe = probe_for(preset)
-    return {"extra_eval": probe, "hash_extra": {"probe": probe.settings()}}
-
-
 # ----------------------------------------------------------------------------------- tables
-def preset_table() -> pd.DataFrame:
-    """The presets, their hardware and expected wall time (for the chapter header)."""
-    return preset_frame(PRESETS)
-
-
-
-
-def _routing_of(r) -> dict[str, dict[str, Any]]:
-    return (r.record.get("extra") or {}).get("routing", {})
-
-
 def _describe(config: TrainConfig, tokens_per_image: int) -> tuple[str, int | None]:
     """(routing settings in brief, token-expert pairs per image) of a config.
 
@@ -346,36 +304,8 @@ def _describe(config: TrainConfig, tokens_per_image: int) -> tuple[str, int | No
     return f"top-{k}, C={C}, S={S}", E * C / group
 
 
-def router_table(results: ChapterResults) -> pd.DataFrame:
-    """Per run: router, token-expert pairs, size, FLOPs, speed, routing statistics and accuracy."""
-    table = summary_table(results.results)
-    groups = results.by_name()
-    rows = {}
-    for name, runs in groups.items():
-        first = runs[0]
-        tokens = _tokens_per_image(first)
-        how, pairs = _describe(first.config, tokens)
-        row: dict[str, Any] = {"router": first.config.model_kwargs.get("router", "—"), "routing": how,
-                               "pairs / image": round(pairs, 1) if pairs is not None else None}
-        t = table.loc[name]
-        row["params (k)"] = round(t["params_total"] / 1e3, 1)
-        row["activated params (k)"] = round(t["params_activated"] / 1e3, 1)
-        row["MFLOPs / image"] = round(t["flops_per_image"] / 1e6, 2)
-        row["train img/s"] = round(t["images_per_s"])
-        row["train min / run"] = round(np.mean([_train_seconds(r) for r in runs]) / 60, 2)
-        stats = [_routing_of(r) for r in runs]
-        if stats[0]:
-            row["dropped tokens (%)"] = mean_sd_text([np.mean([s["dropped_fraction"] for s in st.values()]) for st in stats], digits=1)
-            row["load CV"] = mean_sd_text([np.mean([_cv(s["expert_load"]) for s in st.values()]) for st in stats], unit=1.0)
-            row["experts / token"] = mean_sd_text([np.mean([s["mean_experts_per_token"] for s in st.values()]) for st in stats], unit=1.0)
-        row["test acc. (%)"] = mean_sd_text([r.final["test_accuracy"] for r in runs])
-        row["seeds"] = len(runs)
-        rows[name] = row
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
 def _tokens_per_image(result) -> int:
-    routing = _routing_of(result)
+    routing = routing_of(result)
     probe = (result.record.get("extra") or {}).get("probe")
     if routing and probe:
         return int(next(iter(routing.values()))["tokens"] // probe["images"])
@@ -386,130 +316,6 @@ def _tokens_per_image(result) -> int:
 
 def _train_seconds(result) -> float:
     return float(sum(h["epoch_seconds"] for h in result.history))
-
-
-def _cv(load: Sequence[float]) -> float:
-    x = np.asarray(load, dtype=float)
-    return float(x.std() / x.mean()) if x.mean() > 0 else float("nan")
-
-
-def sweep_frame(results: ChapterResults) -> pd.DataFrame:
-    """Every capacity-sweep point of every seed: run, seed, k, priority, capacity factor, accuracy, dropped."""
-    rows = []
-    for r in results.results:
-        for point in (r.record.get("extra") or {}).get("capacity_sweep", []):
-            rows.append({"run": r.name, "seed": r.seed, "trained k": r.config.model_kwargs.get("k"),
-                         "eval k": point["k"], "priority": "BPR" if point["batch_priority"] else "vanilla",
-                         "capacity factor": point["capacity_factor"], "accuracy": point["accuracy"],
-                         "dropped": point["dropped_fraction"]})
-    return pd.DataFrame(rows)
-
-
-def capacity_table(results: ChapterResults) -> pd.DataFrame:
-    """Test accuracy (%, mean ± std over seeds) per (model, eval k, priority) and inference capacity factor."""
-    df = sweep_frame(results)
-    if df.empty:
-        return df
-    cell = df.groupby(["run", "eval k", "priority", "capacity factor"])["accuracy"].apply(lambda v: mean_sd_text(list(v), digits=1))
-    return cell.unstack("capacity factor")
-
-
-def routing_table(results: ChapterResults) -> pd.DataFrame:
-    """Per router and MoE layer: dropped fraction, load CV, max/min expert share, experts-per-token histogram."""
-    rows = []
-    for name, runs in results.by_name().items():
-        layers = _routing_of(runs[0])
-        for layer_name in layers:
-            per_seed = [_routing_of(r)[layer_name] for r in runs]
-            load = np.mean([s["expert_load"] for s in per_seed], axis=0)
-            hist = np.mean([s["experts_per_token_hist"] for s in per_seed], axis=0)
-            rows.append({"run": name, "layer": per_seed[0]["layer"],
-                         "dropped (%)": round(100 * float(np.mean([s["dropped_fraction"] for s in per_seed])), 1),
-                         "load CV": round(float(np.mean([_cv(s["expert_load"]) for s in per_seed])), 3),
-                         "busiest expert share (%)": round(100 * float(load.max()), 1),
-                         "idlest expert share (%)": round(100 * float(load.min()), 1),
-                         "tokens with 0/1/2/3+ experts (%)": " / ".join(
-                             f"{100 * v:.0f}" for v in (*hist[:3], hist[3:].sum()))})
-    return pd.DataFrame(rows).set_index(["run", "layer"]) if rows else pd.DataFrame()
-
-
-# ----------------------------------------------------------------------------------- verdicts
-
-
-FAMILY = NAME
-ROUTER_MIN_EFFECT = 0.5
-BPR_MIN_EFFECT = 1.0
-COLLAPSE_MIN_EFFECT = 2.0
-CONTROL_MIN_EFFECT = 1.0
-LOW_CAPACITY = 0.5  # the inference capacity factor the BPR and collapse claims are read at
-_ROUTER_WHY = ("the book's smallest effect of interest for a routing choice: the low end of the 0.3-1 point "
-               "effects the papers report at our model sizes (sweet-spot study, arXiv:2411.18322)")
-
-
-def claims(preset: str) -> list[Claim]:
-    """The chapter's claims, declared before any result is read (one :class:`~vmoe_lib.stats.Claim` each).
-
-    Router contrasts are paired by seed (all runs share seeds: same data order and initial RNG).
-    The BPR claims compare one model evaluated two ways, paired by seed. The collapse claims
-    depend on the positive control ``experts_carry_weight_k*`` (bypassing the MoE layers costs at
-    least :data:`CONTROL_MIN_EFFECT` point): without it, "vanilla routing does not collapse" says
-    nothing, since dropping tokens costs little when the experts carry little.
-    """
-    select_preset(PRESETS, preset)
-    routers = "Routers study (Liu et al., arXiv:2401.15969, Sec. 4)"
-    out = [
-        Claim(id=f"ec_vs_tc_{aff}", claim=f"Expert choice beats token choice ({label} affinities, equal pairs)",
-              source=routers, contrast=f"{aff}_ec vs {aff}_tc", test="paired_t", min_effect=ROUTER_MIN_EFFECT,
-              min_effect_why=_ROUTER_WHY, family=FAMILY, paired=True)
-        for aff, label in (("softmax", "softmax"), ("sinkhorn", "Sinkhorn"))
-    ]
-    out += [
-        Claim(id=f"soft_vs_{name}", claim=f"Soft MoE beats {name} at fixed compute",
-              source=routers + "; Soft MoE (Puigcerver et al., arXiv:2308.00951)", contrast=f"soft vs {name}",
-              test="paired_t", min_effect=ROUTER_MIN_EFFECT, min_effect_why=_ROUTER_WHY, family=FAMILY, paired=True)
-        for name in ROUTER_RUNS if name != "soft"
-    ]
-    out.append(Claim(
-        id="moe_vs_dense", claim=("A V-MoE (softmax token choice, k=1) beats the dense ViT of the same activated FLOPs "
-                                  "(evaluated at capacity factor E: no token dropped)"),
-        source="V-MoE (Riquelme et al., arXiv:2106.05974, Sec. 3)", contrast=f"softmax_tc (no drops) vs {DENSE_RUN}",
-        test="paired_t", min_effect=ROUTER_MIN_EFFECT,
-        min_effect_why="tiny MoE ViTs gain +0.5 to +1 point over dense ones (arXiv:2411.18322); the low end",
-        family=FAMILY, paired=True,
-    ))
-    for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
-        control = f"experts_carry_weight_k{k}"
-        out.append(Claim(
-            id=control, claim=f"Bypassing the MoE layers of {run_name} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
-            source="positive control: the weight the experts carry", contrast=f"{run_name} vs {run_name} with MoE bypassed",
-            test="mcnemar", min_effect=CONTROL_MIN_EFFECT,
-            min_effect_why="dropping tokens cannot cost more than removing every expert; below 1 point no collapse is visible",
-            family=f"{FAMILY}:controls", paired=True,
-        ))
-        out.append(Claim(
-            id=f"bpr_vs_vanilla_k{k}",
-            claim=f"With capacity cut to {LOW_CAPACITY:g} at inference, BPR is more accurate than vanilla routing ({run_name}, k={k})",
-            source="V-MoE (arXiv:2106.05974, Sec. 4.1, the BPR figure)", contrast=f"BPR vs vanilla at cf {LOW_CAPACITY:g}",
-            test="mcnemar", min_effect=BPR_MIN_EFFECT,
-            min_effect_why="V-MoE's BPR figure shows gaps of several points at low capacity; 1 point is a conservative floor",
-            family=FAMILY, paired=True, control=control,
-        ))
-        out.append(Claim(
-            id=f"vanilla_collapse_k{k}",
-            claim=(f"Vanilla routing collapses below capacity 1: it loses at least {COLLAPSE_MIN_EFFECT:g} points from the "
-                   f"largest swept capacity to {LOW_CAPACITY:g} ({run_name}, k={k})"),
-            source="V-MoE (arXiv:2106.05974, Sec. 4.1)", contrast=f"vanilla at the largest cf vs vanilla at cf {LOW_CAPACITY:g}",
-            test="mcnemar", min_effect=COLLAPSE_MIN_EFFECT,
-            min_effect_why=("'collapse' in V-MoE's BPR figure is a loss of several points where BPR loses about one; "
-                            "2 points is the floor we read as a collapse"),
-            family=FAMILY, paired=True, control=control,
-        ))
-    return out
-
-
-def _paired_runs(results: ChapterResults, a: str, b: str) -> TestResult | None:
-    va, vb = results.paired(a, b)
-    return paired_t(va, vb) if len(va) >= 2 else None
 
 
 def _sweep_bits(result, k: int, bpr: bool, cf: float) -> np.ndarray | None:
@@ -525,312 +331,398 @@ def _stacked(rows: list[np.ndarray | None]) -> np.ndarray | None:
     return np.stack(rows) if rows and all(r is not None for r in rows) else None
 
 
-def test_results(results: ChapterResults) -> dict[str, TestResult | None]:
-    """Each declared claim's test on the stored runs (``None`` where the data it needs are missing)."""
-    out: dict[str, TestResult | None] = {}
-    for aff in ("softmax", "sinkhorn"):
-        out[f"ec_vs_tc_{aff}"] = _paired_runs(results, f"{aff}_ec", f"{aff}_tc")
-    for name in ROUTER_RUNS:
-        if name != "soft":
-            out[f"soft_vs_{name}"] = _paired_runs(results, "soft", name)
-    groups = results.by_name()
-    nodrop = {r.seed: r.record["extra"]["no_drop"]["accuracy"] for r in groups.get("softmax_tc", [])
-              if "no_drop" in (r.record.get("extra") or {})}
-    dense = {r.seed: float(r.final["test_accuracy"]) for r in groups.get(DENSE_RUN, [])}
-    shared = sorted(set(nodrop) & set(dense))
-    out["moe_vs_dense"] = paired_t([nodrop[s] for s in shared], [dense[s] for s in shared]) if len(shared) >= 2 else None
-    for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
-        runs = sorted(groups.get(run_name, []), key=lambda r: r.seed)
-        control = None
-        if runs and all(r.record.get("moe_bypass") and r.record.get("predictions") for r in runs):
-            control = mcnemar(np.stack([correct_of(r) for r in runs]),
-                              np.stack([bypass_correct_of(r) for r in runs]))
-        out[f"experts_carry_weight_k{k}"] = control
+@dataclass(frozen=True)
+class NoDropVsDense(Measure):
+    """Seed-paired: the MoE run's test accuracy at inference capacity factor E (no token dropped; the probe's
+    ``no_drop``) against the dense run's."""
+
+    moe: str
+    dense: str
+
+    def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:
+        nodrop = {r.seed: r.record["extra"]["no_drop"]["accuracy"] for r in results.runs_of(self.moe)
+                  if "no_drop" in (r.record.get("extra") or {})}
+        dense = {r.seed: float(r.final["test_accuracy"]) for r in results.runs_of(self.dense)}
+        shared = sorted(set(nodrop) & set(dense))
+        return paired_t([nodrop[s] for s in shared], [dense[s] for s in shared]) if len(shared) >= 2 else None
+
+
+@dataclass(frozen=True)
+class CapacityPoints(Measure):
+    """Per image (McNemar pooled over seeds): one softmax token-choice run evaluated at two points of its capacity
+    sweep, each ``(batch_priority, capacity_factor)`` at inference ``k``; a capacity factor ``None`` is the largest
+    one swept (the same for every seed, else the claim has no data)."""
+
+    run: str
+    k: int
+    a: tuple[bool, float | None]
+    b: tuple[bool, float | None]
+
+    def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:
+        runs = results.runs_of(self.run)
         tops = {max(p["capacity_factor"] for p in (r.record.get("extra") or {}).get("capacity_sweep", [{"capacity_factor": 0}]))
                 for r in runs}
         top = tops.pop() if len(tops) == 1 else None
-        bpr = _stacked([_sweep_bits(r, k, True, LOW_CAPACITY) for r in runs])
-        van = _stacked([_sweep_bits(r, k, False, LOW_CAPACITY) for r in runs])
-        van_top = _stacked([_sweep_bits(r, k, False, top) for r in runs]) if top else None
-        out[f"bpr_vs_vanilla_k{k}"] = mcnemar(bpr, van) if bpr is not None and van is not None else None
-        out[f"vanilla_collapse_k{k}"] = mcnemar(van_top, van) if van_top is not None and van is not None else None
-    return out
+        arms = []
+        for bpr, cf in (self.a, self.b):
+            cf = top if cf is None else cf
+            arms.append(_stacked([_sweep_bits(r, self.k, bpr, cf) for r in runs]) if cf else None)
+        return mcnemar(arms[0], arms[1]) if arms[0] is not None and arms[1] is not None else None
 
 
-def verdicts(results: ChapterResults, *, write: bool = True) -> list[VerdictRecord]:
-    """The chapter's claims decided by the book's rule (:mod:`vmoe_lib.stats`), written to ``verdicts.json``."""
-    preset = results.preset if results.preset in PRESETS else "cpu"
-    out = decide_family(claims(preset), test_results(results))
-    if write:
-        write_verdict_records(out, results.verdicts_path())
-    return out
+class RoutersBPR(Chapter):
+    """Chapter 1: six routers at equal compute, and Batch Priority Routing at inference (see the module's docstring)."""
 
+    name = NAME
+    title = "Routers at equal compute, and Batch Priority Routing"
+    presets = PRESETS
+    primary = ("ec_vs_tc_softmax",)  # the contrast the cpu preset's seed count is sized for
 
-# ----------------------------------------------------------------------------------- figures
-def plot_router_accuracy(results: ChapterResults):
-    """Test accuracy per router (points: seeds; diamond: mean ± std), dense baseline as a band."""
-    style()
-    groups = results.by_name()
-    names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
-    fig, ax = plt.subplots(figsize=(7.2, 4))
-    if DENSE_RUN in groups:
-        d = np.array(results.values(DENSE_RUN)) * 100
-        ax.axhspan(d.mean() - (d.std(ddof=1) if d.size > 1 else 0), d.mean() + (d.std(ddof=1) if d.size > 1 else 0),
-                   color="0.85", zorder=0)
-        ax.axhline(d.mean(), color="0.4", ls="--", lw=1, label=f"dense ViT, same activated FLOPs ({d.mean():.2f}%)")
-    for i, name in enumerate(names):
-        ys = np.array(results.values(name)) * 100
-        jitter = np.linspace(-0.08, 0.08, ys.size) if ys.size > 1 else np.zeros(1)
-        ax.scatter(i + jitter, ys, color=_color(i), alpha=0.6, s=22)
-        ax.errorbar(i + 0.24, ys.mean(), yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="D", color=_color(i), capsize=4)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Routers at equal token-expert pairs (k=2 model: twice the pairs)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
+    def runs(self, preset: Preset) -> list[Run]:
+        """The six routers and the ``k = 2`` model, each measured by the preset's :class:`RoutingProbe`; the dense ViT
+        without a probe, so it is the same experiment (same results key) as chapter 0's dense run of the test bed."""
+        probe = probe_for(preset)
+        return [Run(name, config, probe=None if name == DENSE_RUN else probe) for name, config in _configs(preset).items()]
 
+    def claims(self, preset: str) -> list[Claim]:
+        """The chapter's claims, declared before any result is read (one :class:`~vmoe_lib.stats.Claim` each).
 
-def plot_accuracy_vs_time(results: ChapterResults):
-    """Test accuracy against measured training time on this machine (each point a seed)."""
-    style()
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
-    for i, (name, runs) in enumerate(results.by_name().items()):
-        xs = np.array([_train_seconds(r) / 60 for r in runs])
-        ys = np.array([r.final["test_accuracy"] for r in runs]) * 100
-        ax.scatter(xs, ys, color=_color(i), alpha=0.45, s=18)
-        ax.errorbar(xs.mean(), ys.mean(), xerr=xs.std(ddof=1) if xs.size > 1 else None,
-                    yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="o", color=_color(i), capsize=3, label=name)
-    device = results.results[0].record.get("device", "")
-    ax.set_xlabel(f"training time (min, {device}; sum of epoch times, each with its val/test evaluation)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs training time: the cost of each allocation algorithm")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    return fig
+        Router contrasts are paired by seed (all runs share seeds: same data order and initial RNG).
+        The BPR claims compare one model evaluated two ways, paired by seed. The collapse claims
+        depend on the positive control ``experts_carry_weight_k*`` (bypassing the MoE layers costs at
+        least :data:`CONTROL_MIN_EFFECT` point): without it, "vanilla routing does not collapse" says
+        nothing, since dropping tokens costs little when the experts carry little.
+        """
+        routers = "Routers study (Liu et al., arXiv:2401.15969, Sec. 4)"
+        out = [
+            Claim(id=f"ec_vs_tc_{aff}", claim=f"Expert choice beats token choice ({label} affinities, equal pairs)",
+                  source=routers, contrast=f"{aff}_ec vs {aff}_tc", test="paired_t", min_effect=ROUTER_MIN_EFFECT,
+                  min_effect_why=_ROUTER_WHY, family=FAMILY, paired=True, measure=SeedPaired(f"{aff}_ec", f"{aff}_tc"))
+            for aff, label in (("softmax", "softmax"), ("sinkhorn", "Sinkhorn"))
+        ]
+        out += [
+            Claim(id=f"soft_vs_{name}", claim=f"Soft MoE beats {name} at fixed compute",
+                  source=routers + "; Soft MoE (Puigcerver et al., arXiv:2308.00951)", contrast=f"soft vs {name}",
+                  test="paired_t", min_effect=ROUTER_MIN_EFFECT, min_effect_why=_ROUTER_WHY, family=FAMILY, paired=True,
+                  measure=SeedPaired("soft", name))
+            for name in ROUTER_RUNS if name != "soft"
+        ]
+        out.append(Claim(
+            id="moe_vs_dense", claim=("A V-MoE (softmax token choice, k=1) beats the dense ViT of the same activated FLOPs "
+                                      "(evaluated at capacity factor E: no token dropped)"),
+            source="V-MoE (Riquelme et al., arXiv:2106.05974, Sec. 3)", contrast=f"softmax_tc (no drops) vs {DENSE_RUN}",
+            test="paired_t", min_effect=ROUTER_MIN_EFFECT,
+            min_effect_why="tiny MoE ViTs gain +0.5 to +1 point over dense ones (arXiv:2411.18322); the low end",
+            family=FAMILY, paired=True, measure=NoDropVsDense("softmax_tc", DENSE_RUN),
+        ))
+        for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
+            control = f"experts_carry_weight_k{k}"
+            out.append(Claim(
+                id=control, claim=f"Bypassing the MoE layers of {run_name} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
+                source="positive control: the weight the experts carry", contrast=f"{run_name} vs {run_name} with MoE bypassed",
+                test="mcnemar", min_effect=CONTROL_MIN_EFFECT,
+                min_effect_why="dropping tokens cannot cost more than removing every expert; below 1 point no collapse is visible",
+                family=f"{FAMILY}:controls", paired=True, measure=Bypassed(run_name),
+            ))
+            out.append(Claim(
+                id=f"bpr_vs_vanilla_k{k}",
+                claim=f"With capacity cut to {LOW_CAPACITY:g} at inference, BPR is more accurate than vanilla routing ({run_name}, k={k})",
+                source="V-MoE (arXiv:2106.05974, Sec. 4.1, the BPR figure)", contrast=f"BPR vs vanilla at cf {LOW_CAPACITY:g}",
+                test="mcnemar", min_effect=BPR_MIN_EFFECT,
+                min_effect_why="V-MoE's BPR figure shows gaps of several points at low capacity; 1 point is a conservative floor",
+                family=FAMILY, paired=True, control=control,
+                measure=CapacityPoints(run_name, k, (True, LOW_CAPACITY), (False, LOW_CAPACITY)),
+            ))
+            out.append(Claim(
+                id=f"vanilla_collapse_k{k}",
+                claim=(f"Vanilla routing collapses below capacity 1: it loses at least {COLLAPSE_MIN_EFFECT:g} points from the "
+                       f"largest swept capacity to {LOW_CAPACITY:g} ({run_name}, k={k})"),
+                source="V-MoE (arXiv:2106.05974, Sec. 4.1)", contrast=f"vanilla at the largest cf vs vanilla at cf {LOW_CAPACITY:g}",
+                test="mcnemar", min_effect=COLLAPSE_MIN_EFFECT,
+                min_effect_why=("'collapse' in V-MoE's BPR figure is a loss of several points where BPR loses about one; "
+                                "2 points is the floor we read as a collapse"),
+                family=FAMILY, paired=True, control=control,
+                measure=CapacityPoints(run_name, k, (False, None), (False, LOW_CAPACITY)),
+            ))
+        return out
 
+    # -- tables ------------------------------------------------------------
+    def router_table(self, results: ChapterResults) -> pd.DataFrame:
+        """Per run: router, token-expert pairs, size, FLOPs, speed, routing statistics and accuracy."""
+        table = summary_table(results.results)
+        groups = results.by_name()
+        rows = {}
+        for name, runs in groups.items():
+            first = runs[0]
+            tokens = _tokens_per_image(first)
+            how, pairs = _describe(first.config, tokens)
+            row: dict[str, Any] = {"router": first.config.model_kwargs.get("router", "—"), "routing": how,
+                                   "pairs / image": round(pairs, 1) if pairs is not None else None}
+            t = table.loc[name]
+            row["params (k)"] = round(t["params_total"] / 1e3, 1)
+            row["activated params (k)"] = round(t["params_activated"] / 1e3, 1)
+            row["MFLOPs / image"] = round(t["flops_per_image"] / 1e6, 2)
+            row["train img/s"] = round(t["images_per_s"])
+            row["train min / run"] = round(np.mean([_train_seconds(r) for r in runs]) / 60, 2)
+            stats = [routing_of(r) for r in runs]
+            if stats[0]:
+                row["dropped tokens (%)"] = mean_sd_text([np.mean([s["dropped_fraction"] for s in st.values()]) for st in stats], digits=1)
+                row["load CV"] = mean_sd_text([np.mean([load_cv(s["expert_load"]) for s in st.values()]) for st in stats], unit=1.0)
+                row["experts / token"] = mean_sd_text([np.mean([s["mean_experts_per_token"] for s in st.values()]) for st in stats], unit=1.0)
+            row["test acc. (%)"] = mean_sd_text([r.final["test_accuracy"] for r in runs])
+            row["seeds"] = len(runs)
+            rows[name] = row
+        return pd.DataFrame.from_dict(rows, orient="index")
 
-def plot_load_balance(results: ChapterResults):
-    """Per router and MoE layer: sorted expert load shares, dropped tokens, experts per token."""
-    style()
-    groups = {n: runs for n, runs in results.by_name().items() if _routing_of(runs[0])}
-    names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
-    layer_names = list(_routing_of(groups[names[0]][0])) if names else []
-    # Stacked, not side by side: at the book's content width three panels in a row would need 6 px text.
-    fig, axes = plt.subplots(3, 1, figsize=(7.2, 11.5))
-    width = 0.8 / max(1, len(names))
-    for i, name in enumerate(names):
-        runs = groups[name]
-        for j, layer in enumerate(layer_names):
-            loads = np.array([sorted(_routing_of(r)[layer]["expert_load"], reverse=True) for r in runs]) * 100
-            E = loads.shape[1]
-            axes[0].plot(np.arange(1, E + 1), loads.mean(0), color=_color(i), ls="-" if j == len(layer_names) - 1 else ":",
-                         marker="o", ms=3, label=name if j == len(layer_names) - 1 else None)
-        dropped = [[_routing_of(r)[layer]["dropped_fraction"] * 100 for r in runs] for layer in layer_names]
-        hist = np.mean([[_routing_of(r)[layer]["experts_per_token_hist"] for layer in layer_names] for r in runs], axis=(0, 1))
-        xs = np.arange(len(layer_names)) + (i - (len(names) - 1) / 2) * width
-        axes[1].bar(xs, [np.mean(d) for d in dropped], width=width, color=_color(i), label=name,
-                    yerr=[np.std(d, ddof=1) if len(d) > 1 else 0 for d in dropped], capsize=2)
-        counts = np.arange(hist.size)
-        shown = min(hist.size, 5)
-        axes[2].plot(counts[:shown], hist[:shown] * 100, color=_color(i), marker="o", ms=4, label=name)
-    E = len(_routing_of(groups[names[0]][0])[layer_names[0]]["expert_load"]) if names else 1
-    axes[0].axhline(100 / E, color="0.5", lw=1, ls="--")
-    axes[0].set_xlabel("expert, sorted by load")
-    axes[0].set_ylabel("share of token-expert pairs (%)")
-    axes[0].set_title("Expert load (solid: last MoE layer, dotted: earlier;\ndashed: perfect balance)")
-    axes[1].set_xticks(range(len(layer_names)), [f"layer {_routing_of(groups[names[0]][0])[n]['layer']}" for n in layer_names])
-    axes[1].set_ylabel("tokens dropped (%)")
-    axes[1].set_title("Tokens processed by no expert (test set)")
-    axes[2].set_xlabel("experts processing a token")
-    axes[2].set_ylabel("tokens (%)")
-    axes[2].set_title("Experts per token (Soft MoE: all, by construction)")
-    axes[2].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    # One legend for the three panels (the same colour is the same router in each), above them.
-    handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 1.0), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight() * (1 + (len(names) - 1) // 4)))
-    return fig
+    def sweep_frame(self, results: ChapterResults) -> pd.DataFrame:
+        """Every capacity-sweep point of every seed: run, seed, k, priority, capacity factor, accuracy, dropped."""
+        rows = []
+        for r in results.results:
+            for point in (r.record.get("extra") or {}).get("capacity_sweep", []):
+                rows.append({"run": r.name, "seed": r.seed, "trained k": r.config.model_kwargs.get("k"),
+                             "eval k": point["k"], "priority": "BPR" if point["batch_priority"] else "vanilla",
+                             "capacity factor": point["capacity_factor"], "accuracy": point["accuracy"],
+                             "dropped": point["dropped_fraction"]})
+        return pd.DataFrame(rows)
 
+    def capacity_table(self, results: ChapterResults) -> pd.DataFrame:
+        """Test accuracy (%, mean ± std over seeds) per (model, eval k, priority) and inference capacity factor."""
+        df = self.sweep_frame(results)
+        if df.empty:
+            return df
+        cell = df.groupby(["run", "eval k", "priority", "capacity factor"])["accuracy"].apply(lambda v: mean_sd_text(list(v), digits=1))
+        return cell.unstack("capacity factor")
 
-def plot_capacity_sweep(results: ChapterResults):
-    """V-MoE's figure: test accuracy vs inference capacity factor, vanilla (dashed) vs BPR (solid)."""
-    style()
-    df = sweep_frame(results)
-    fig, axes = plt.subplots(2, 1, figsize=(7.2, 8.4), sharex=True)
-    if df.empty:
-        fig.suptitle("No capacity sweep stored (no softmax token-choice run in these results)")
+    # -- figures ------------------------------------------------------------
+    def plot_router_accuracy(self, results: ChapterResults):
+        """Test accuracy per router (points: seeds; diamond: mean ± std), dense baseline as a band."""
+        style()
+        groups = results.by_name()
+        names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
+        fig, ax = plt.subplots(figsize=(7.2, 4))
+        if DENSE_RUN in groups:
+            d = np.array(results.values(DENSE_RUN)) * 100
+            ax.axhspan(d.mean() - (d.std(ddof=1) if d.size > 1 else 0), d.mean() + (d.std(ddof=1) if d.size > 1 else 0),
+                       color="0.85", zorder=0)
+            ax.axhline(d.mean(), color="0.4", ls="--", lw=1, label=f"dense ViT, same activated FLOPs ({d.mean():.2f}%)")
+        for i, name in enumerate(names):
+            ys = np.array(results.values(name)) * 100
+            jitter = np.linspace(-0.08, 0.08, ys.size) if ys.size > 1 else np.zeros(1)
+            ax.scatter(i + jitter, ys, color=_color(i), alpha=0.6, s=22)
+            ax.errorbar(i + 0.24, ys.mean(), yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="D", color=_color(i), capsize=4)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Routers at equal token-expert pairs (k=2 model: twice the pairs)")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
         return fig
-    panels = [(axes[0], [("softmax_tc", 1)], "trained and evaluated with k=1"),
-              (axes[1], [(K2_RUN, 2), (K2_RUN, 1)], "trained with k=2, evaluated with k=2 / k=1")]
-    for ax, series, title in panels:
-        for i, (run_name, k) in enumerate(series):
-            for priority, ls in (("BPR", "-"), ("vanilla", "--")):
-                sel = df[(df["run"] == run_name) & (df["eval k"] == k) & (df["priority"] == priority)]
+
+    def plot_accuracy_vs_time(self, results: ChapterResults):
+        """Test accuracy against measured training time on this machine (each point a seed)."""
+        style()
+        fig, ax = plt.subplots(figsize=(7.2, 4.2))
+        for i, (name, runs) in enumerate(results.by_name().items()):
+            xs = np.array([_train_seconds(r) / 60 for r in runs])
+            ys = np.array([r.final["test_accuracy"] for r in runs]) * 100
+            ax.scatter(xs, ys, color=_color(i), alpha=0.45, s=18)
+            ax.errorbar(xs.mean(), ys.mean(), xerr=xs.std(ddof=1) if xs.size > 1 else None,
+                        yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="o", color=_color(i), capsize=3, label=name)
+        device = results.results[0].record.get("device", "")
+        ax.set_xlabel(f"training time (min, {device}; sum of epoch times, each with its val/test evaluation)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Accuracy vs training time: the cost of each allocation algorithm")
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        return fig
+
+    def plot_load_balance(self, results: ChapterResults):
+        """Per router and MoE layer: sorted expert load shares, dropped tokens, experts per token."""
+        style()
+        groups = {n: runs for n, runs in results.by_name().items() if routing_of(runs[0])}
+        names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
+        layer_names = list(routing_of(groups[names[0]][0])) if names else []
+        # Stacked, not side by side: at the book's content width three panels in a row would need 6 px text.
+        fig, axes = plt.subplots(3, 1, figsize=(7.2, 11.5))
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            runs = groups[name]
+            for j, layer in enumerate(layer_names):
+                loads = np.array([sorted(routing_of(r)[layer]["expert_load"], reverse=True) for r in runs]) * 100
+                E = loads.shape[1]
+                axes[0].plot(np.arange(1, E + 1), loads.mean(0), color=_color(i), ls="-" if j == len(layer_names) - 1 else ":",
+                             marker="o", ms=3, label=name if j == len(layer_names) - 1 else None)
+            dropped = [[routing_of(r)[layer]["dropped_fraction"] * 100 for r in runs] for layer in layer_names]
+            hist = np.mean([[routing_of(r)[layer]["experts_per_token_hist"] for layer in layer_names] for r in runs], axis=(0, 1))
+            xs = np.arange(len(layer_names)) + (i - (len(names) - 1) / 2) * width
+            axes[1].bar(xs, [np.mean(d) for d in dropped], width=width, color=_color(i), label=name,
+                        yerr=[np.std(d, ddof=1) if len(d) > 1 else 0 for d in dropped], capsize=2)
+            counts = np.arange(hist.size)
+            shown = min(hist.size, 5)
+            axes[2].plot(counts[:shown], hist[:shown] * 100, color=_color(i), marker="o", ms=4, label=name)
+        E = len(routing_of(groups[names[0]][0])[layer_names[0]]["expert_load"]) if names else 1
+        axes[0].axhline(100 / E, color="0.5", lw=1, ls="--")
+        axes[0].set_xlabel("expert, sorted by load")
+        axes[0].set_ylabel("share of token-expert pairs (%)")
+        axes[0].set_title("Expert load (solid: last MoE layer, dotted: earlier;\ndashed: perfect balance)")
+        axes[1].set_xticks(range(len(layer_names)), [f"layer {routing_of(groups[names[0]][0])[n]['layer']}" for n in layer_names])
+        axes[1].set_ylabel("tokens dropped (%)")
+        axes[1].set_title("Tokens processed by no expert (test set)")
+        axes[2].set_xlabel("experts processing a token")
+        axes[2].set_ylabel("tokens (%)")
+        axes[2].set_title("Experts per token (Soft MoE: all, by construction)")
+        axes[2].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        # One legend for the three panels (the same colour is the same router in each), above them.
+        handles, labels = axes[1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 1.0), fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight() * (1 + (len(names) - 1) // 4)))
+        return fig
+
+    def plot_capacity_sweep(self, results: ChapterResults):
+        """V-MoE's figure: test accuracy vs inference capacity factor, vanilla (dashed) vs BPR (solid)."""
+        style()
+        df = self.sweep_frame(results)
+        fig, axes = plt.subplots(2, 1, figsize=(7.2, 8.4), sharex=True)
+        if df.empty:
+            fig.suptitle("No capacity sweep stored (no softmax token-choice run in these results)")
+            return fig
+        panels = [(axes[0], [("softmax_tc", 1)], "trained and evaluated with k=1"),
+                  (axes[1], [(K2_RUN, 2), (K2_RUN, 1)], "trained with k=2, evaluated with k=2 / k=1")]
+        for ax, series, title in panels:
+            for i, (run_name, k) in enumerate(series):
+                for priority, ls in (("BPR", "-"), ("vanilla", "--")):
+                    sel = df[(df["run"] == run_name) & (df["eval k"] == k) & (df["priority"] == priority)]
+                    if sel.empty:
+                        continue
+                    g = sel.groupby("capacity factor")["accuracy"]
+                    mean, lo, hi = g.mean() * 100, g.min() * 100, g.max() * 100
+                    ax.plot(mean.index, mean.values, ls=ls, marker="o", ms=4, color=_color(i), label=f"eval k={k}, {priority}")
+                    ax.fill_between(mean.index, lo.values, hi.values, color=_color(i), alpha=0.15, linewidth=0)
+            ax.axvline(1.0, color="0.6", lw=1, ls=":")
+            ax.set_title(title)
+            ax.set_ylabel("test accuracy (%)")
+            ax.legend(loc="lower right")
+        axes[-1].set_xlabel("inference capacity factor")
+        fig.suptitle("Accuracy vs capacity at inference (band: min-max over seeds)")
+        fig.tight_layout()
+        return fig
+
+    def plot_dropped_patches(self, results: ChapterResults, run_name: str = "softmax_tc", seed: int | None = None, layer: int = -1,
+                             images: int = 8):
+        """Which patches vanilla routing and BPR drop at low capacity (red: processed by no expert)."""
+        style()
+        runs = [x for x in results.by_name().get(run_name, []) if "dropped_patches" in (x.record.get("extra") or {})]
+        if not runs:
+            raise ValueError(f"run_name={run_name!r} has no stored dropped-patch maps; runs with them: "
+                             f"{sorted({x.name for x in results.results if 'dropped_patches' in (x.record.get('extra') or {})})}")
+        r = next((x for x in runs if seed is None or x.seed == seed), runs[0])
+        info = r.record["extra"]["dropped_patches"]
+        pics = np.asarray(info["images"], dtype=float)[:images] / 255.0
+        if pics.ndim == 4:  # RGB stored channels-first (CIFAR): matplotlib wants channels-last
+            pics = pics.transpose(0, 2, 3, 1)
+        masks = info["masks"]
+        layer_name = list(masks[0]["experts_per_token"])[layer]
+        n = pics.shape[0]
+        side = pics.shape[1]
+        # 0.9 in per image: eight images span the book's content width (7.2 in) with readable labels.
+        fig, axes = plt.subplots(len(masks), n, figsize=(0.9 * n, 1.0 * len(masks) + 0.6), squeeze=False)
+        for row, m in enumerate(masks):
+            counts = np.asarray(m["experts_per_token"][layer_name])[:n]
+            patches = counts[:, 1:] if counts.shape[1] == int(round(math.sqrt(counts.shape[1] - 1))) ** 2 + 1 else counts
+            grid = int(round(math.sqrt(patches.shape[1])))
+            for col in range(n):
+                ax = axes[row, col]
+                ax.imshow(pics[col], cmap="gray", vmin=0, vmax=1)
+                dropped = (patches[col] == 0).reshape(grid, grid).astype(float)
+                overlay = np.zeros((side, side, 4))
+                overlay[..., 0] = 1.0  # red, opaque where the patch was dropped
+                overlay[..., 3] = 0.5 * np.kron(dropped, np.ones((side // grid, side // grid)))
+                ax.imshow(overlay)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col == 0:
+                    ax.set_ylabel(f"{'BPR' if m['batch_priority'] else 'vanilla'}\ncf {m['capacity_factor']:g}", fontsize=9)
+                if row == 0:
+                    ax.set_title(info["class_names"][info["labels"][col]], fontsize=8)
+        fig.suptitle(f"Patches dropped in MoE layer {layer_name} ({run_name}, seed {r.seed}; red: no expert)", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    # -- findings ------------------------------------------------------------
+    def findings(self, results: ChapterResults) -> str:
+        """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
+        groups = results.by_name()
+        lines: list[str] = []
+        sparse_and_soft = [n for n in ROUTER_RUNS if n in groups]
+        if sparse_and_soft:
+            ranked = sorted(sparse_and_soft, key=lambda n: -np.mean(results.values(n)))
+            ranking = " > ".join(f"{n} ({mean_sd_text(results.values(n))})" for n in ranked)
+            lines.append(f"**Ranking at equal pairs** (test accuracy %, mean ± std over seeds): {ranking}.")
+            spread = np.mean(results.values(ranked[0])) - np.mean(results.values(ranked[-1]))
+            stds = [np.std(results.values(n), ddof=1) for n in ranked if len(groups[n]) > 1]
+            if stds:
+                lines.append(f"Best and worst router are {spread * 100:.2f} points apart; the typical seed std is "
+                             f"{np.mean(stds) * 100:.2f} points.")
+        if DENSE_RUN in groups:
+            lines.append(f"**Dense ViT** at the same activated FLOPs: {mean_sd_text(results.values(DENSE_RUN))} %.")
+        if "softmax_tc" in groups:
+            base = np.mean([_train_seconds(r) for r in groups["softmax_tc"]])
+            times = {n: np.mean([_train_seconds(r) for r in groups[n]]) / base for n in groups}
+            slow = ", ".join(f"{n} {t:.2f}x" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+            lines.append(f"**Training time relative to softmax token choice** (this machine): {slow}.")
+        dropped = {}
+        for n in sparse_and_soft:
+            st = [routing_of(r) for r in groups[n]]
+            if st and st[0]:
+                dropped[n] = np.mean([np.mean([s["dropped_fraction"] for s in x.values()]) for x in st])
+        if dropped:
+            lines.append("**Tokens no expert processed** (test set, mean over MoE layers and seeds): "
+                         + ", ".join(f"{n} {v * 100:.1f}%" for n, v in dropped.items()) + ".")
+        sweep = self.sweep_frame(results)
+        if not sweep.empty:
+            for run_name, k in (("softmax_tc", 1), (K2_RUN, 2), (K2_RUN, 1)):
+                sel = sweep[(sweep["run"] == run_name) & (sweep["eval k"] == k)]
                 if sel.empty:
                     continue
-                g = sel.groupby("capacity factor")["accuracy"]
-                mean, lo, hi = g.mean() * 100, g.min() * 100, g.max() * 100
-                ax.plot(mean.index, mean.values, ls=ls, marker="o", ms=4, color=_color(i), label=f"eval k={k}, {priority}")
-                ax.fill_between(mean.index, lo.values, hi.values, color=_color(i), alpha=0.15, linewidth=0)
-        ax.axvline(1.0, color="0.6", lw=1, ls=":")
-        ax.set_title(title)
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend(loc="lower right")
-    axes[-1].set_xlabel("inference capacity factor")
-    fig.suptitle("Accuracy vs capacity at inference (band: min-max over seeds)")
-    fig.tight_layout()
-    return fig
+                mean = sel.groupby(["priority", "capacity factor"])["accuracy"].mean().unstack("priority") * 100
+                dropped = sel.groupby("capacity factor")["dropped"].mean() * 100
+                lo, hi = mean.index.min(), mean.index.max()
+                lines.append(
+                    f"**{run_name}, evaluated with k={k}:** at capacity factor {lo:g} ({dropped[lo]:.0f}% of tokens reach no "
+                    f"expert) vanilla {mean.loc[lo, 'vanilla']:.1f}% vs BPR {mean.loc[lo, 'BPR']:.1f}%; at {hi:g} "
+                    f"({dropped[hi]:.1f}% dropped) vanilla {mean.loc[hi, 'vanilla']:.1f}% vs BPR {mean.loc[hi, 'BPR']:.1f}%."
+                )
+        return "\n".join(f"* {line}" for line in lines)
 
+    # -- chapter 0 ------------------------------------------------------------
+    def dense_check(self, results: ChapterResults) -> pd.DataFrame:
+        """This chapter's dense runs beside chapter 0's runs of the same config (the same results key): per seed both
+        test accuracies, and whether every loss and accuracy of the two records is bit-identical. Chapter 0's
+        results are only read (never trained); a seed chapter 0 lacks is left out."""
+        from ..results import MissingResultError, load_or_run
+        from . import dense_baselines
 
-def plot_dropped_patches(results: ChapterResults, run_name: str = "softmax_tc", seed: int | None = None, layer: int = -1,
-                         images: int = 8):
-    """Which patches vanilla routing and BPR drop at low capacity (red: processed by no expert)."""
-    style()
-    runs = [x for x in results.by_name().get(run_name, []) if "dropped_patches" in (x.record.get("extra") or {})]
-    if not runs:
-        raise ValueError(f"run_name={run_name!r} has no stored dropped-patch maps; runs with them: "
-                         f"{sorted({x.name for x in results.results if 'dropped_patches' in (x.record.get('extra') or {})})}")
-    r = next((x for x in runs if seed is None or x.seed == seed), runs[0])
-    info = r.record["extra"]["dropped_patches"]
-    pics = np.asarray(info["images"], dtype=float)[:images] / 255.0
-    if pics.ndim == 4:  # RGB stored channels-first (CIFAR): matplotlib wants channels-last
-        pics = pics.transpose(0, 2, 3, 1)
-    masks = info["masks"]
-    layer_name = list(masks[0]["experts_per_token"])[layer]
-    n = pics.shape[0]
-    side = pics.shape[1]
-    # 0.9 in per image: eight images span the book's content width (7.2 in) with readable labels.
-    fig, axes = plt.subplots(len(masks), n, figsize=(0.9 * n, 1.0 * len(masks) + 0.6), squeeze=False)
-    for row, m in enumerate(masks):
-        counts = np.asarray(m["experts_per_token"][layer_name])[:n]
-        patches = counts[:, 1:] if counts.shape[1] == int(round(math.sqrt(counts.shape[1] - 1))) ** 2 + 1 else counts
-        grid = int(round(math.sqrt(patches.shape[1])))
-        for col in range(n):
-            ax = axes[row, col]
-            ax.imshow(pics[col], cmap="gray", vmin=0, vmax=1)
-            dropped = (patches[col] == 0).reshape(grid, grid).astype(float)
-            overlay = np.zeros((side, side, 4))
-            overlay[..., 0] = 1.0  # red, opaque where the patch was dropped
-            overlay[..., 3] = 0.5 * np.kron(dropped, np.ones((side // grid, side // grid)))
-            ax.imshow(overlay)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(f"{'BPR' if m['batch_priority'] else 'vanilla'}\ncf {m['capacity_factor']:g}", fontsize=9)
-            if row == 0:
-                ax.set_title(info["class_names"][info["labels"][col]], fontsize=8)
-    fig.suptitle(f"Patches dropped in MoE layer {layer_name} ({run_name}, seed {r.seed}; red: no expert)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-# ----------------------------------------------------------------------------------- findings
-def findings(results: ChapterResults) -> str:
-    """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
-    groups = results.by_name()
-    lines: list[str] = []
-    sparse_and_soft = [n for n in ROUTER_RUNS if n in groups]
-    if sparse_and_soft:
-        ranked = sorted(sparse_and_soft, key=lambda n: -np.mean(results.values(n)))
-        ranking = " > ".join(f"{n} ({mean_sd_text(results.values(n))})" for n in ranked)
-        lines.append(f"**Ranking at equal pairs** (test accuracy %, mean ± std over seeds): {ranking}.")
-        spread = np.mean(results.values(ranked[0])) - np.mean(results.values(ranked[-1]))
-        stds = [np.std(results.values(n), ddof=1) for n in ranked if len(groups[n]) > 1]
-        if stds:
-            lines.append(f"Best and worst router are {spread * 100:.2f} points apart; the typical seed std is "
-                         f"{np.mean(stds) * 100:.2f} points.")
-    if DENSE_RUN in groups:
-        lines.append(f"**Dense ViT** at the same activated FLOPs: {mean_sd_text(results.values(DENSE_RUN))} %.")
-    if "softmax_tc" in groups:
-        base = np.mean([_train_seconds(r) for r in groups["softmax_tc"]])
-        times = {n: np.mean([_train_seconds(r) for r in groups[n]]) / base for n in groups}
-        slow = ", ".join(f"{n} {t:.2f}x" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
-        lines.append(f"**Training time relative to softmax token choice** (this machine): {slow}.")
-    dropped = {}
-    for n in sparse_and_soft:
-        st = [_routing_of(r) for r in groups[n]]
-        if st and st[0]:
-            dropped[n] = np.mean([np.mean([s["dropped_fraction"] for s in x.values()]) for x in st])
-    if dropped:
-        lines.append("**Tokens no expert processed** (test set, mean over MoE layers and seeds): "
-                     + ", ".join(f"{n} {v * 100:.1f}%" for n, v in dropped.items()) + ".")
-    sweep = sweep_frame(results)
-    if not sweep.empty:
-        for run_name, k in (("softmax_tc", 1), (K2_RUN, 2), (K2_RUN, 1)):
-            sel = sweep[(sweep["run"] == run_name) & (sweep["eval k"] == k)]
-            if sel.empty:
+        mine = {r.seed: r for r in results.results if r.name == DENSE_RUN}
+        if not mine or results.preset not in dense_baselines.PRESETS:
+            return pd.DataFrame()
+        config = next(iter(mine.values())).config
+        names = [n for n, c in dense_baselines.chapter.experiment(results.preset).items() if c.to_dict() == config.to_dict()]
+        if not names:
+            return pd.DataFrame()
+        rows = {}
+        for seed, r in sorted(mine.items()):
+            try:
+                theirs = load_or_run(dense_baselines.NAME, results.preset, {names[0]: config}, [seed], progress=False,
+                                     require=True)[0]
+            except MissingResultError:
                 continue
-            mean = sel.groupby(["priority", "capacity factor"])["accuracy"].mean().unstack("priority") * 100
-            dropped = sel.groupby("capacity factor")["dropped"].mean() * 100
-            lo, hi = mean.index.min(), mean.index.max()
-            lines.append(
-                f"**{run_name}, evaluated with k={k}:** at capacity factor {lo:g} ({dropped[lo]:.0f}% of tokens reach no "
-                f"expert) vanilla {mean.loc[lo, 'vanilla']:.1f}% vs BPR {mean.loc[lo, 'BPR']:.1f}%; at {hi:g} "
-                f"({dropped[hi]:.1f}% dropped) vanilla {mean.loc[hi, 'vanilla']:.1f}% vs BPR {mean.loc[hi, 'BPR']:.1f}%."
-            )
-    return "\n".join(f"* {line}" for line in lines)
+
+            def outcome(x):
+                return [{k: v for k, v in h.items() if k.endswith(("loss", "accuracy"))} for h in x.history]
+
+            rows[seed] = {"this chapter (%)": round(r.final["test_accuracy"] * 100, 2),
+                          "chapter 0 (%)": round(theirs.final["test_accuracy"] * 100, 2),
+                          "bit-identical": outcome(r) == outcome(theirs)}
+        return pd.DataFrame.from_dict(rows, orient="index").rename_axis("seed")
 
 
-# ----------------------------------------------------------------------------------- design
-def power_frame(results: ChapterResults, target: float = ROUTER_MIN_EFFECT) -> pd.DataFrame:
-    """The chapter's power table: for each seed-paired router contrast of its claims, the sd of the per-seed
-    differences measured here and the MDE (points, one-sided alpha 0.05, 80 % power) at several seed counts."""
-    sds: dict[str, tuple[float, bool]] = {}
-    for claim_id, r in test_results(results).items():
-        if r is not None and r.test == "paired_t" and "sd_diff" in r.detail:
-            sds[claim_id] = (float(r.detail["sd_diff"]), True)
-    return power_table(sds, target=target) if sds else pd.DataFrame()
-
-
-def dense_check(results: ChapterResults) -> pd.DataFrame:
-    """This chapter's dense runs beside chapter 0's runs of the same config (the same results key): per seed both
-    test accuracies, and whether every loss and accuracy of the two records is bit-identical. Chapter 0's
-    results are only read (never trained); a seed chapter 0 lacks is left out."""
-    from ..results import MissingResultError, load_or_run
-    from . import dense_baselines
-
-    mine = {r.seed: r for r in results.results if r.name == DENSE_RUN}
-    if not mine or results.preset not in dense_baselines.PRESETS:
-        return pd.DataFrame()
-    config = next(iter(mine.values())).config
-    names = [n for n, c in dense_baselines.experiment(results.preset).items() if c.to_dict() == config.to_dict()]
-    if not names:
-        return pd.DataFrame()
-    rows = {}
-    for seed, r in sorted(mine.items()):
-        try:
-            theirs = load_or_run(dense_baselines.NAME, results.preset, {names[0]: config}, [seed], progress=False,
-                                 require=True)[0]
-        except MissingResultError:
-            continue
-
-        def outcome(x):
-            return [{k: v for k, v in h.items() if k.endswith(("loss", "accuracy"))} for h in x.history]
-
-        rows[seed] = {"this chapter (%)": round(r.final["test_accuracy"] * 100, 2),
-                      "chapter 0 (%)": round(theirs.final["test_accuracy"] * 100, 2),
-                      "bit-identical": outcome(r) == outcome(theirs)}
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("seed")
-
-
-PRIMARY = "ec_vs_tc_softmax"  # the contrast the cpu preset's seed count is sized for
-
-
-def power_note(results: ChapterResults, target: float = ROUTER_MIN_EFFECT) -> str:
-    """One Markdown sentence: the primary contrast's MDE at this sweep's seeds, the seeds an MDE of ``target``
-    needs at the measured sd, and what that would cost at this sweep's measured minutes per seed."""
-    from ..stats import mde, seeds_for_mde
-    from .base import sweep_wall_minutes
-
-    r = test_results(results).get(PRIMARY)
-    if r is None:
-        return f"The primary contrast ({PRIMARY}) has too few seeds here to measure its spread."
-    sd, n = float(r.detail["sd_diff"]), int(r.n)
-    need = seeds_for_mde(sd, target, paired=True)
-    per_seed = sweep_wall_minutes(results.results) / max(1, len({x.seed for x in results.results}))
-    verdict = "meets" if mde(sd, n, paired=True) <= target else "misses"
-    cost = (f"{need} seeds, about {need * per_seed:.0f} min of wall time at this sweep's {per_seed:.1f} min per seed"
-            if need is not None else "more than 200 seeds")
-    return (f"The primary contrast ({PRIMARY}) has an MDE of {r.mde:.2f} points with {n} seeds (sd of the paired "
-            f"differences {sd:.2f}); the {target:g}-point goal {verdict}: it needs {cost}.")
+chapter = RoutersBPR()
