@@ -59,6 +59,8 @@ def execute_chapters(preset: str, only: list[str] | None, allow_training: bool) 
 
 
 SCOREBOARD_MARKER = "<!-- scoreboard -->"
+SUMMARY_MARKER = "<!-- summary -->"
+FOREST_MARKER = "<!-- forest -->"
 
 
 def copy_sources() -> None:
@@ -72,17 +74,42 @@ def copy_sources() -> None:
     shutil.copytree(ROOT / "book" / "_static", STAGING / "_static")
     # Benchmark tables of record, which pages include as they are committed ({include} ../results/benchmarks/...).
     shutil.copytree(ROOT / "results" / "benchmarks", STAGING / "results" / "benchmarks", ignore=shutil.ignore_patterns("*.json", "*.csv"))
-    insert_scoreboard(STAGING / "book" / "intro.md")
+    insert_findings(STAGING / "book" / "intro.md")
 
 
-def insert_scoreboard(page: Path) -> None:
-    """Replace the landing page's scoreboard marker by the claims table generated from the committed verdicts."""
-    from vmoe_lib.book import scoreboard, scoreboard_html
+def insert_findings(page: Path) -> None:
+    """Fill the landing page from the committed verdicts: what was found (per paper, and at what scale), the forest
+    plot of the papers' claims, and their scoreboard."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vmoe_lib.book import findings, scale_facts, scoreboard, scoreboard_html, summary_markdown
+    from vmoe_lib.papers import PAPERS
+    from vmoe_lib.plots import check_readable, forest
 
     text = page.read_text(encoding="utf-8")
-    if SCOREBOARD_MARKER not in text:
-        raise SystemExit(f"{page.relative_to(STAGING)} has no {SCOREBOARD_MARKER} line: the scoreboard has nowhere to go")
-    page.write_text(text.replace(SCOREBOARD_MARKER, scoreboard_html(scoreboard("cpu"))), encoding="utf-8")
+    missing = [m for m in (SUMMARY_MARKER, FOREST_MARKER, SCOREBOARD_MARKER) if m not in text]
+    if missing:
+        raise SystemExit(f"{page.relative_to(STAGING)} lacks the line(s) {missing}: the findings have nowhere to go")
+    rows = scoreboard("cpu")
+    items = findings(rows)
+    fig = forest(items, paper_names={key: paper.short for key, paper in PAPERS.items()})
+    check_readable(fig)
+    fig.savefig(page.parent / "forest.png", dpi=220, bbox_inches="tight")
+    figure = (
+        ":::{figure} forest.png\n:name: fig-forest\n:width: 100%\n"
+        f":alt: Forest plot of the {len(items)} claims of the papers, grouped by paper: for each, our effect in accuracy "
+        "points with its 90% interval, coloured by verdict, the smallest effect of interest as a bar and the paper's own "
+        "number as an open diamond.\n\n"
+        f"Every claim of the papers this book tests ({len(items)}), from the committed verdicts: our effect (dot) and its "
+        "90% interval (line), coloured by verdict; the smallest effect of interest the rule reads (bar: at +m for a "
+        "claim of superiority, at -m for non-inferiority, at ±m for equivalence); the paper's own number (open diamond) "
+        "where it states one. Labels: chapter and claim id, as in the scoreboard below.\n:::"
+    )
+    text = (text.replace(SUMMARY_MARKER, summary_markdown(rows, scale_facts("cpu")))
+                .replace(FOREST_MARKER, figure)
+                .replace(SCOREBOARD_MARKER, scoreboard_html(rows)))
+    page.write_text(text, encoding="utf-8")
 
 
 def tidy_executed(notebook: Path, parameters: dict[str, object], trained: bool) -> None:

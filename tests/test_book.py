@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import re
@@ -10,12 +11,14 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
 import vmoe_lib as vl
 from vmoe_lib.analysis import format_mean_sd, mean_sd_text
-from vmoe_lib.book import REPOSITORY_URL, readme_with_scoreboard, scoreboard, scoreboard_html
+from vmoe_lib.book import REPOSITORY_URL, findings, readme_with_scoreboard, scoreboard, scoreboard_html
 from vmoe_lib.chapters.base import ChapterResults
+from vmoe_lib.errors import ConfigError
 from vmoe_lib.results import RunResult
 from vmoe_lib.stats import VerdictRecord
 
@@ -40,28 +43,87 @@ def test_scoreboard_lists_exactly_the_committed_claims_in_book_order():
     assert all(r.data_url == f"{REPOSITORY_URL}/blob/main/results/cpu/{r.chapter}/verdicts.json" for r in rows)
 
 
-def test_scoreboard_html_has_one_row_per_claim_with_its_badge_and_counts():
+def test_the_papers_claims_are_counted_once_and_controls_are_checks():
     rows = scoreboard("cpu")
+    items = findings(rows)
+    keys = [f.row.key for f in items]
+    assert len(keys) == len(set(keys)) and not any(f.row.is_control for f in items)
+    repeated = {r.key: r.same_as for r in rows if r.same_as and not r.is_control}
+    assert repeated, "the committed verdicts declare no repeated contrast"
+    for key, first in repeated.items():
+        assert key not in keys and first in keys  # one row, the earlier chapter's, listing both
+        assert key in {x.key for f in items if f.row.key == first for x in f.also}
+    # Every claim that depends on a control shows it; every finding names its paper and the paper's number.
+    assert all(f.control is not None and f.control.is_control for f in items if f.row.control)
+    assert all(f.row.paper and f.row.paper["id"] in vl.papers.PAPERS and f.row.paper["where"] for f in items)
+    papers = [f.paper for f in items]
+    order = list(vl.papers.PAPERS)
+    assert papers == sorted(papers, key=order.index), "grouped by paper, in the order of vmoe_lib.papers.PAPERS"
+
+
+def test_scoreboard_html_has_one_row_per_paper_claim_with_its_badge_counts_and_control():
+    rows = scoreboard("cpu")
+    items = findings(rows)
     page = scoreboard_html(rows)
-    keys = re.findall(r'data-claim="([^"]+)"', page)
-    assert keys == [r.key for r in rows]
+    assert re.findall(r'data-claim="([^"]+)"', page) == [f.row.key for f in items]
     for verdict in ("reproduced", "not reproduced", "inconclusive", "not testable"):
-        n = sum(r.verdict == verdict for r in rows)
+        n = sum(f.row.verdict == verdict for f in items)
         assert f">{n} {verdict}</span>" in page
-    assert page.count('class="vmoe-badge vmoe-') == len(rows) + 4
+    assert f"{len(items)} claims of the papers" in page
+    assert page.count('class="vmoe-badge vmoe-') == len(items) + 4
+    for f in items:
+        if f.control is not None:
+            assert html.escape(vl.book.control_text(f.control)) in page
+        assert f'#claim-{f.row.claim_id}"' in page  # the claim's anchor in its chapter
+    also = re.findall(r'data-also="([^"]+)"', page)
+    assert also and all(key in {x.key for f in items for x in f.also} for key in " ".join(also).split())
 
 
-def test_readme_scoreboard_section_is_generated_and_current():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert readme_with_scoreboard(readme, scoreboard("cpu")) == readme, (
-        "README's scoreboard is out of date: run python -m vmoe_lib scoreboard --write-readme")
-    with pytest.raises(ValueError, match="scoreboard section"):
-        readme_with_scoreboard("# no markers here\n", [])
+def test_summary_says_what_was_found_per_paper_and_at_what_scale():
+    rows = scoreboard("cpu")
+    facts = vl.book.scale_facts("cpu")
+    text = vl.book.summary_markdown(rows, facts)
+    items = findings(rows)
+    assert f"**{len(items)} claims of the papers:" in text and "Fashion-MNIST" in text and "2-core CPU" in text
+    assert '<a href="#why-results-at-this-scale-may-differ">why results may differ</a>' in text
+    for key in {f.paper for f in items}:
+        assert f"**[{vl.papers.PAPERS[key].short}]" in text
+    best = max((f for f in items if f.row.verdict == "reproduced"), key=lambda f: f.row.interval[0])
+    assert best.row.anchor in text  # the clearest reproduced finding is linked
 
 
-def test_scoreboard_without_verdicts_names_the_preset(tmp_path):
-    with pytest.raises(FileNotFoundError, match="preset='cpu'"):
-        scoreboard("cpu", root=tmp_path)
+def test_a_corrupt_or_missing_verdicts_file_names_itself_and_the_fix(tmp_path):
+    folder = tmp_path / "cpu" / "toy"
+    folder.mkdir(parents=True)
+    path = folder / "verdicts.json"
+    for text, message in (("{not json", "cannot be read"), ('{"a": 1}', "is not a list of verdict records"),
+                          ('[{"claim_id": "x"}]', "record 0 lacks"),
+                          ('[{"claim_id": "x", "claim": "c", "verdict": "great", "min_effect": 1}]', "verdict='great'")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            scoreboard("cpu", root=tmp_path)
+        assert str(path) in str(err.value) and "python -m vmoe_lib run toy --preset cpu" in str(err.value)
+    (tmp_path / "gpu").write_text("a file, not a folder")
+    with pytest.raises(ConfigError, match="missing or not a folder"):
+        scoreboard("gpu", root=tmp_path)
+
+
+def test_tables_show_words_not_python_reprs():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Thing:
+        name: str
+
+    frame = pd.DataFrame({"flag": [True, False], "options": [{"k": 1, "cf": 1.0}, {}], "thing": [Thing("t"), None],
+                          "share": [0.125, float("nan")]}, index=["a", "b"])
+    text = vl.book.table(frame)._repr_html_()
+    for shown in ("yes", "no", "k: 1, cf: 1", "<td>t</td>", "0.125", "—"):
+        assert shown in text, shown
+    for repr_ in ("True", "False", "{", "Thing(", "nan"):
+        assert repr_ not in text, repr_
+    assert 'class="vmoe-table"' in text
+    assert "<td>capacity_multiple: 1</td>" in vl.book.table(vl.chapters.recipes.TEST_BED_MOE)._repr_html_()
 
 
 def test_repository_url_matches_the_book_config():
@@ -108,7 +170,7 @@ def test_verdict_table_shows_every_claim_with_badge_and_numbers():
     )
     table = vl.book.verdict_table([record])
     page = table._repr_html_()
-    assert 'data-claim-id="x_beats_y"' in page and 'class="vmoe-badge vmoe-reproduced"' in page
+    assert 'id="claim-x_beats_y"' in page and 'class="vmoe-badge vmoe-reproduced"' in page
     for text in ("+0.70", "[+0.20, +1.20]", "0.5", "0.01", "(0.03)", "0.60", "paired_t", "Holm p 0.03 &lt; 0.05"):
         assert text in page, text
     assert table.frame().loc["x_beats_y", "verdict"] == "reproduced"

@@ -13,8 +13,11 @@ Serves ``_build/book/_build/html`` on 127.0.0.1 and drives headless Chromium (De
   ``OFFLINE_HOSTS`` (the browser is kept offline, see below);
 * every internal link resolves to a built page, and its ``#anchor`` to an id on that page;
 * every Colab link opens ``notebooks/NN_*.ipynb`` of the repository, a file in its git index;
-* the scoreboard of ``book/intro.html`` lists exactly the claims of the committed ``results/cpu/*/verdicts.json``
-  (one ``data-claim="<chapter>:<claim_id>"`` table row per claim);
+* the landing page lists and counts exactly the papers' claims of the committed ``results/cpu/*/verdicts.json`` (one
+  ``data-claim="<chapter>:<claim_id>"`` table row per claim, a repeated contrast once, no control as a finding);
+* every figure of every chapter has a numbered caption and alt text, at twice the pixel density it is shown with;
+* at 1280 px every table shows its first and last columns (none hidden behind a sideways scroll);
+* no page speaks of how the book was made ("issue", "session");
 * the library reference shows none of torch's inherited docstrings.
 
 The browser never reaches another host: ``--host-resolver-rules`` makes every name but 127.0.0.1 unresolvable,
@@ -219,7 +222,31 @@ function inspect() {
     images: imgs.map(i => ({src: i.currentSrc || i.src, natural: i.naturalWidth, complete: i.complete})),
     links: Array.from(document.querySelectorAll("a[href]"), a => ({href: a.href, raw: a.getAttribute("href")})),
     claims: Array.from(document.querySelectorAll("[data-claim]"),
-                       e => ({claim: e.getAttribute("data-claim"), tag: e.tagName.toLowerCase()})),
+                       e => ({claim: e.getAttribute("data-claim"), tag: e.tagName.toLowerCase(),
+                              also: e.getAttribute("data-also") || ""})),
+    counts: (document.querySelector(".vmoe-counts") || {innerText: ""}).innerText,
+    figures: Array.from(document.querySelectorAll("article img"), i => {
+      const fig = i.closest("figure"), cap = fig ? fig.querySelector("figcaption") : null;
+      return {src: i.currentSrc || i.src, alt: i.getAttribute("alt") || "", natural: i.naturalWidth,
+              shown: Math.round(i.getBoundingClientRect().width), caption: cap ? cap.innerText.trim() : null};
+    }),
+    tables: Array.from(document.querySelectorAll("article table"), t => {
+      let box = t.parentElement;
+      while (box && box !== document.body && !["auto", "scroll", "hidden"].includes(getComputedStyle(box).overflowX))
+        box = box.parentElement;
+      const view = box && box !== document.body ? box.getBoundingClientRect() : {left: 0, right: vw};
+      let left = Infinity, right = -Infinity;
+      for (const row of t.rows) {
+        if (!row.cells.length) continue;
+        left = Math.min(left, row.cells[0].getBoundingClientRect().left);
+        right = Math.max(right, row.cells[row.cells.length - 1].getBoundingClientRect().right);
+      }
+      const head = t.rows.length ? Array.from(t.rows[0].cells, c => c.innerText.trim()).join(" | ") : "";
+      return {left: Math.round(left), right: Math.round(right), viewLeft: Math.round(Math.max(view.left, 0)),
+              viewRight: Math.round(Math.min(view.right, vw)), head: head.slice(0, 80),
+              section: (t.closest("section[id]") || {id: ""}).id};
+    }),
+    article: (document.querySelector("article") || document.body).innerText,
     text: document.body.innerText,
   });
 }
@@ -384,43 +411,99 @@ def test_colab_links_open_committed_notebooks(crawl):
     assert not bad, "Colab links that do not open a notebook of the git index:\n  " + "\n  ".join(sorted(bad))
 
 
-def _committed_claims() -> set[str]:
-    claims = set()
-    for path in _git_files("results/cpu/*/verdicts.json"):
-        chapter = Path(path).parent.name
-        data = json.loads((ROOT / path).read_text())
-        if isinstance(data, dict):  # the records may sit under a key
-            data = next((v for v in data.values() if isinstance(v, list)), [])
-        claims |= {f"{chapter}:{record['claim_id']}" for record in data}
-    return claims
+def _papers_claims_of_record() -> list:
+    """The papers' claims (:func:`vmoe_lib.book.findings`) of the committed ``results/cpu/*/verdicts.json``."""
+    from vmoe_lib.book import findings, scoreboard
+
+    files = _git_files("results/cpu/*/verdicts.json")
+    assert files, "no committed results/cpu/*/verdicts.json"
+    return findings(scoreboard("cpu", root=ROOT / "results"))
 
 
-def test_scoreboard_lists_the_committed_claims(crawl):
-    expected = _committed_claims()
-    assert expected, "no committed results/cpu/*/verdicts.json"
+def test_landing_counts_equal_the_papers_claims_of_record(crawl):
+    """The landing page lists each claim of the papers once (one table row each, a repeated contrast as one row),
+    no positive control as a finding, and counts exactly those claims by verdict."""
+    from collections import Counter
+
+    items = _papers_claims_of_record()
+    expected = [f.row.key for f in items]
+    counts = Counter(f.row.verdict for f in items)
     for width_name in WIDTHS:
-        rows = crawl["book/intro.html", width_name]["claims"]
-        shown = {r["claim"] for r in rows}
-        not_rows = sorted({r["claim"] for r in rows if r["tag"] != "tr"})
-        duplicated = sorted({c for c in shown if sum(r["claim"] == c for r in rows) > 1})
+        info = crawl["book/intro.html", width_name]
+        rows = info["claims"]
         problems = []
-        if expected - shown:
-            problems.append(f"claims of verdicts.json missing from the scoreboard: {sorted(expected - shown)}")
-        if shown - expected:
-            problems.append(f"scoreboard rows of no committed claim: {sorted(shown - expected)}")
-        if not_rows:
-            problems.append(f"data-claim on elements that are not table rows: {not_rows}")
-        if duplicated:
-            problems.append(f"claims listed twice: {duplicated}")
+        if [r["claim"] for r in rows] != expected:
+            problems.append(f"rows {[r['claim'] for r in rows]} are not the papers' claims of record {expected}")
+        if any(r["tag"] != "tr" for r in rows):
+            problems.append("data-claim on elements that are not table rows")
+        wanted = f"{len(items)} claims of the papers: " + " ".join(
+            f"{counts.get(v, 0)} {v}" for v in ("reproduced", "not reproduced", "inconclusive", "not testable"))
+        if " ".join(info["counts"].split()) != wanted:
+            problems.append(f"counts read {info['counts']!r}, not {wanted!r}")
+        also = {key for f in items for key in (x.key for x in f.also)}
+        if also != {k for r in rows for k in r["also"].split()}:
+            problems.append("the repeated contrasts are not listed in the rows of the claims they repeat")
         assert not problems, f"book/intro.html @{WIDTHS[width_name][0]}px: " + "; ".join(problems)
+
+
+def _chapter_pages() -> list[str]:
+    return [p for p in _pages() if re.match(r"notebooks/\d\d_", p)] + ["book/intro.html"]
+
+
+def test_every_figure_has_a_numbered_caption_and_alt_text(crawl):
+    """Every figure of every chapter (and of the landing page): a numbered caption under it and alt text that says
+    what it shows (not a file name)."""
+    bad = []
+    for page in _chapter_pages():
+        for fig in crawl[page, "desktop"]["figures"]:
+            name = fig["src"].rsplit("/", 1)[-1]
+            if not (fig["caption"] or "").startswith("Fig. "):
+                bad.append(f"{page}: {name}: no numbered caption (found {fig['caption']!r})")
+            if len(fig["alt"]) < 20 or re.search(r"\.(png|svg|jpg)\b|_build|/", fig["alt"]):
+                bad.append(f"{page}: {name}: alt text {fig['alt']!r} does not say what the figure shows")
+    assert not bad, "\n".join(bad)
+
+
+def test_figures_are_drawn_at_twice_the_pixel_density(crawl):
+    """Sharp on HiDPI screens: every figure's image has at least 1.9 times the pixels it is shown with at 1280 px."""
+    soft = [f"{page}: {fig['src'].rsplit('/', 1)[-1]}: {fig['natural']} px shown at {fig['shown']} px"
+            for page in _chapter_pages() for fig in crawl[page, "desktop"]["figures"]
+            if fig["shown"] > 0 and fig["natural"] < 1.9 * fig["shown"]]
+    assert not soft, "figures below 2x pixel density:\n  " + "\n  ".join(soft)
+
+
+def test_tables_show_their_first_and_last_columns_at_desktop_width(crawl):
+    """At 1280 px a reader sees every table whole: no first or last column hidden behind a sideways scroll."""
+    hidden = [f"{page} #{t['section']}: table [{t['head']}] spans {t['left']}-{t['right']} px, visible "
+              f"{t['viewLeft']}-{t['viewRight']} px"
+              for (page, width), info in crawl.items() if width == "desktop" for t in info["tables"]
+              if t["right"] > t["viewRight"] + 1 or t["left"] < t["viewLeft"] - 1]
+    assert not hidden, "tables with a column out of view at 1280 px:\n  " + "\n  ".join(hidden)
+
+
+# Words about how the book was made, not about what it found ("the issue that asked for this chapter").
+PROCESS_WORDS = re.compile(r"\b(issues?|sessions?)\b", re.I)
+
+
+def test_pages_speak_of_the_project_not_of_how_it_was_made(crawl):
+    found = []
+    for (page, width), info in crawl.items():
+        if width != "desktop":
+            continue
+        for match in PROCESS_WORDS.finditer(info["article"]):
+            found.append(f"{page}: ...{info['article'][max(0, match.start() - 60):match.end() + 40]!r}...")
+    assert not found, "page text about how the book was made:\n  " + "\n  ".join(found)
 
 
 def test_library_shows_no_inherited_torch_docstrings(built_book):
     """``autodoc_inherit_docstrings: False``: a method without a docstring of ours shows none, not torch's."""
-    text = (built_book / "book" / "library.html").read_text(encoding="utf-8")
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
-    leaks = [phrase for phrase in TORCH_DOCSTRING_LEAKS if phrase in text]
-    assert not leaks, f"book/library.html shows torch's docstrings: {leaks}"
+    pages = sorted((built_book / "book" / "library").glob("*.html"))
+    assert len(pages) > 20, "the library reference has one page per public module"
+    leaks = []
+    for page in pages:
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page.read_text(encoding="utf-8")))
+        leaks += [f"{page.name}: {phrase}" for phrase in TORCH_DOCSTRING_LEAKS if phrase in text]
+    assert not leaks, f"the library reference shows torch's docstrings: {leaks}"
 
 
 # What a rendered page must never show: a Python warning in a cell's output, the build machine's paths,

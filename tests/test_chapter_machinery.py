@@ -16,7 +16,8 @@ import pytest
 
 from vmoe_lib import chapters
 from vmoe_lib.analysis import bypass_correct_of, correct_of
-from vmoe_lib.chapters.base import Bypassed, Chapter, PerImage, Preset, Run, SeedPaired
+from vmoe_lib.chapters.base import Chapter, PerImage, Preset, Run, SeedPaired, control_claim
+from vmoe_lib.papers import PaperNumber
 from vmoe_lib.chapters.probes import RoutingStatsProbe
 from vmoe_lib.chapters.recipes import TEST_BED_MOE
 from vmoe_lib.errors import ConfigError
@@ -53,12 +54,11 @@ class Toy(Chapter):
                 Run("dense", BASE, borrow_from="toy_lender")]
 
     def claims(self, preset):
-        common = dict(source="toy", min_effect_why="a toy's", paired=True)
+        common = dict(source="toy", min_effect_why="a toy's", paired=True, paper=PaperNumber("vmoe", None, "a toy"))
         return [
-            Claim(id="control", claim="bypassing the experts costs accuracy", contrast="moe vs moe bypassed",
-                  test="mcnemar", min_effect=0.01, family="toy:controls", measure=Bypassed("moe"), **common),
-            Claim(id="impossible_control", claim="bypassing costs 100 points", contrast="moe vs moe bypassed",
-                  test="mcnemar", min_effect=100.0, family="toy:controls", measure=Bypassed("moe"), **common),
+            control_claim("moe", claim_id="control", family="toy:controls", min_effect=0.01, min_effect_why="a toy's"),
+            control_claim("moe", claim_id="impossible_control", family="toy:controls", min_effect=100.0,
+                          min_effect_why="no bypass can cost 100 points"),
             Claim(id="moe_beats_dense", claim="MoE beats dense", contrast="moe vs dense", test="paired_t",
                   min_effect=0.5, family="toy", control="control", measure=SeedPaired("moe", "dense"), **common),
             Claim(id="per_image", claim="MoE is right on more images", contrast="moe vs dense (per image)",
@@ -122,7 +122,7 @@ def test_a_toy_chapter_runs_through_the_whole_machinery(toys, tmp_path, monkeypa
     control = mcnemar(moe_correct, np.stack([bypass_correct_of(r) for r in results.runs_of("moe")]))
     assert verdicts["control"].effect == pytest.approx(control.effect)
     # A control whose bar cannot be reached makes the claims on it "not testable", by the one rule.
-    assert verdicts["impossible_control"].verdict == "not reproduced"
+    assert verdicts["impossible_control"].verdict == "failed" and verdicts["control"].kind == "control"
     assert verdicts["needs_the_impossible"].verdict == "not testable"
 
     power = toy.power_frame(results)

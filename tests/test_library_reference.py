@@ -1,4 +1,5 @@
-"""book/library.md documents every public module of vmoe_lib and everything each one exports.
+"""The library reference (book/library.md and one page per public module under book/library/) documents every public
+module of vmoe_lib and everything each one exports.
 
 Public: every module whose dotted name has no ``_``-prefixed part. The submodules of ``layers``, ``routers``,
 ``models`` and ``distributed`` are implementation files: what they offer is what their package re-exports in ``__all__``.
@@ -22,14 +23,14 @@ import timm
 import vmoe_lib
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY_PAGE = ROOT / "book" / "library.md"
+LIBRARY_PAGES = [ROOT / "book" / "library.md", *sorted((ROOT / "book" / "library").glob("*.md"))]
 DOCUMENTED_BY_PACKAGE = ("vmoe_lib.layers.", "vmoe_lib.routers.", "vmoe_lib.models.", "vmoe_lib.distributed.")
 
 
 def _directives() -> dict[str, list[str]]:
     """``automodule`` name -> the members it lists (its ``__all__`` for a bare ``:members:``)."""
     found: dict[str, list[str]] = {}
-    text = LIBRARY_PAGE.read_text()
+    text = "\n".join(page.read_text() for page in LIBRARY_PAGES)
     for match in re.finditer(r"\.\. automodule:: (\S+)((?:\n[ \t]+:[^\n]*)*)", text):
         module = importlib.import_module(match.group(1))
         members = re.search(r":members:(.*)", match.group(2))
@@ -83,3 +84,20 @@ def test_every_documented_object_has_its_own_docstring():
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and not (obj.__doc__ or "").strip():
                 bare.append(f"{module_name}.{name}")
     assert not bare, f"listed in book/library.md without a docstring (autodoc would leave them out): {bare}"
+
+
+def test_one_page_per_public_module_in_the_table_of_contents():
+    """Each public module has a page of its own (its submodules' directives on the package's page), and the index
+    links every page."""
+    pages = {p.stem: p for p in (ROOT / "book" / "library").glob("*.md")}
+    packaged = [m for m in _public_modules() if m not in pages]
+    assert not packaged, f"public modules without a page book/library/<module>.md: {packaged}"
+    for name, page in pages.items():
+        modules = re.findall(r"\.\. automodule:: (\S+)", page.read_text())
+        assert modules and modules[0] == name, f"{page} should document {name} first, documents {modules}"
+        assert page.read_text().startswith(f"# `{name}`"), f"{page}: title is not the module's name"
+    index = (ROOT / "book" / "library.md").read_text()
+    assert not re.search(r"\.\. automodule::", index), "book/library.md is the index; the directives live on the pages"
+    missing = [n for n in pages if f"<library/{n}>" not in index]
+    assert not missing, f"book/library.md does not link {missing}"
+    assert "glob: book/library/*" in (ROOT / "_toc.yml").read_text()

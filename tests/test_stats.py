@@ -25,9 +25,10 @@ def sf_t2(t: float) -> float:
 
 
 def claim(id_: str, test: str = "paired_t", *, min_effect: float = 0.5, paired: bool = True, control: str | None = None,
-          family: str = "f", direction: str = "greater") -> Claim:
+          family: str = "f", direction: str = "greater", kind: str = "claim") -> Claim:
     return Claim(id=id_, claim=f"claim {id_}", source="paper", contrast="A vs B", test=test, min_effect=min_effect,
-                 min_effect_why="the paper's effect", family=family, paired=paired, control=control, direction=direction)
+                 min_effect_why="the paper's effect", family=family, paired=paired, control=control, direction=direction,
+                 kind=kind)
 
 
 # ----------------------------------------------------------------------------------- tests
@@ -208,16 +209,30 @@ def test_significant_but_negligible_effect_is_not_reproduced():
 
 
 def test_not_testable_when_the_positive_control_fails():
-    control = claim("experts_matter", min_effect=1.0)
+    control = claim("experts_matter", min_effect=1.0, kind="control")
     dependent = claim("bpr_helps", control="experts_matter")
     weak_control = paired_t([0.800, 0.801, 0.800], [0.800, 0.800, 0.801])  # bypassing the experts costs nothing
     out = decide_family([control, dependent], {"experts_matter": weak_control, "bpr_helps": paired_t(*A_BETTER)})
-    assert out[0].verdict == "not reproduced"
+    assert out[0].verdict == "failed" and out[0].kind == "control"
+    assert "below the 1-point bar" in out[0].why and f"{weak_control.effect:+.2f}" in out[0].why
     assert out[1].verdict == "not testable" and out[1].p_holm is None
+    # The reason states the control's value and its pre-registered bar; the effect is kept apart as a note.
+    assert f"{weak_control.effect:+.2f} [{weak_control.lower:+.2f}, {weak_control.upper:+.2f}] points" in out[1].why
+    assert "below the 1-point bar pre-registered for this claim" in out[1].why
+    assert out[1].exploratory.startswith("Exploratory, not a verdict") and out[1].effect is not None
     strong_control = paired_t(*A_BETTER)
-    out = decide_family([claim("experts_matter", min_effect=0.5), dependent],
+    out = decide_family([claim("experts_matter", min_effect=0.5, kind="control"), dependent],
                         {"experts_matter": strong_control, "bpr_helps": paired_t(*A_BETTER)})
-    assert [v.verdict for v in out] == ["reproduced", "reproduced"]
+    assert [v.verdict for v in out] == ["passed", "reproduced"] and out[1].exploratory == ""
+
+
+def test_a_control_is_a_check_and_a_claim_must_name_one():
+    with pytest.raises(ConfigError, match="declare it kind='control'"):
+        decide_family([claim("x"), claim("y", control="x")], {})
+    with pytest.raises(ConfigError, match="is a positive control: it has no paper number"):
+        claim("z", kind="control", control="x")
+    with pytest.raises(ConfigError, match="kind='finding' is not recognised"):
+        claim("z", kind="finding")
 
 
 def test_holm_is_applied_within_the_family_only():

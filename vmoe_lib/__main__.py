@@ -77,7 +77,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _scoreboard(args: argparse.Namespace) -> int:
-    from .book import readme_with_scoreboard, scoreboard, scoreboard_markdown
+    from .book import findings, readme_with_scoreboard, scoreboard, scoreboard_markdown
     from .results import _repo_root
 
     rows = scoreboard(args.preset)
@@ -92,10 +92,10 @@ def _scoreboard(args: argparse.Namespace) -> int:
             print(f"{readme}: the scoreboard section is out of date; run: python -m vmoe_lib scoreboard --write-readme",
                   file=sys.stderr)
             return 1
-        print(f"{readme}: scoreboard up to date ({len(rows)} claims)")
+        print(f"{readme}: scoreboard up to date ({len(findings(rows))} claims of the papers, from {len(rows)} records)")
         return 0
     readme.write_text(updated, encoding="utf-8")
-    print(f"{readme}: scoreboard section written ({len(rows)} claims)")
+    print(f"{readme}: scoreboard section written ({len(findings(rows))} claims of the papers, from {len(rows)} records)")
     return 0
 
 

@@ -16,7 +16,7 @@ import html
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +34,13 @@ __all__ = [
     "REPOSITORY_URL",
     "VERDICT_ORDER",
     "ScoreboardRow",
+    "Finding",
+    "findings",
+    "read_verdicts",
+    "summary_markdown",
+    "scale_facts",
+    "control_text",
+    "paper_text",
     "chapter_notebooks",
     "provenance",
     "readme_with_scoreboard",
@@ -43,6 +50,9 @@ __all__ = [
     "verdict_badge",
     "verdict_table",
     "VerdictTable",
+    "Table",
+    "table",
+    "cell_text",
 ]
 
 #: The repository the book links to (the same URL as ``repository.url`` in ``_config.yml``; a test checks it).
@@ -58,7 +68,7 @@ _CHAPTER_IMPORT = re.compile(r"""chapter = vl\.chapters\.get_chapter\(["'](\w+)[
 class ScoreboardRow:
     """One claim of one chapter as its committed ``verdicts.json`` decided it."""
 
-    chapter: str  # the chapter module's name, e.g. "routers_bpr"
+    chapter: str  # the chapter's name, e.g. "routers_bpr"
     notebook: str  # the chapter's notebook stem, e.g. "01_routers_and_bpr" ("" if none)
     claim_id: str
     claim: str
@@ -69,14 +79,50 @@ class ScoreboardRow:
     mde: float | None  # minimal detectable effect at 80% power (points)
     min_effect: float
     n: int | None
-    is_control: bool  # a positive control of another claim
+    kind: str = "claim"  # "claim" (a paper's finding) or "control" (a check other claims depend on)
     data_url: str = ""  # the repository URL of the verdicts.json that decided it
     interval: tuple[float, float] | None = None  # the 90% interval: its ends are the one-sided 95% bounds the rule reads
+    paper: dict[str, Any] | None = None  # {"id", "effect", "where"}: the paper's own number
+    same_as: str | None = None  # "<chapter>:<claim id>" of the earlier claim on the same contrast and runs
+    why: str = ""  # the rule's reason
+    control: str | None = None  # the id of the positive control it depends on
+    test: str = ""
+    exploratory: str = ""
 
     @property
     def key(self) -> str:
         """``<chapter>:<claim_id>``, the row's ``data-claim`` on the landing page."""
         return f"{self.chapter}:{self.claim_id}"
+
+    @property
+    def is_control(self) -> bool:
+        """Whether this is a positive control (a check), not a finding of a paper."""
+        return self.kind == "control"
+
+    @property
+    def anchor(self) -> str:
+        """The id of the claim's row in its chapter's verdict table."""
+        return f"claim-{self.claim_id}"
+
+    @property
+    def page(self) -> str:
+        """The chapter's page, relative to the book's root (``notebooks/NN_topic.html``)."""
+        return f"notebooks/{self.notebook}.html" if self.notebook else ""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim of a paper as the landing page shows it: the row that decides it, the rows of later chapters that
+    test the same contrast on the same runs (``also``), and the positive control it depends on."""
+
+    row: ScoreboardRow
+    also: tuple[ScoreboardRow, ...] = ()
+    control: ScoreboardRow | None = None
+
+    @property
+    def paper(self) -> str:
+        """The paper's key in :data:`vmoe_lib.papers.PAPERS`."""
+        return (self.row.paper or {}).get("id", "")
 
 
 def chapter_notebooks(root: str | Path | None = None) -> dict[str, str]:
@@ -95,36 +141,98 @@ def _number(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+_RECORD_KEYS = ("claim_id", "claim", "verdict", "min_effect")
+
+
+def read_verdicts(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``verdicts.json``, checked: a list of objects, each with a claim id, claim, verdict and
+    smallest effect of interest. A file that is missing, unreadable or malformed raises :class:`ConfigError` naming
+    it and the command that regenerates it."""
+    from .errors import ConfigError
+    from .records import regenerate_command
+
+    path = Path(path)
+    chapter, preset = path.parent.name, path.parent.parent.name
+    again = f"regenerate it with: {regenerate_command(chapter, preset)} (it reuses the stored runs)"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing; {again}") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {err}); {again}") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ConfigError(f"{path} is not a list of verdict records; {again}")
+    for i, r in enumerate(records):
+        missing = [k for k in _RECORD_KEYS if k not in r]
+        if missing:
+            raise ConfigError(f"{path}: record {i} lacks {missing}; {again}")
+        if r["verdict"] not in (*VERDICT_ORDER, "passed", "failed"):
+            raise ConfigError(f"{path}: record {i} ({r['claim_id']}) has verdict={r['verdict']!r}; allowed: "
+                              f"{', '.join(VERDICT_ORDER)}, passed, failed; {again}")
+    return records
+
+
 def scoreboard(preset: str = "cpu", *, root: str | Path | None = None) -> list[ScoreboardRow]:
-    """Every claim of every chapter, from ``<results>/<preset>/<chapter>/verdicts.json``, in book order.
+    """Every claim of every chapter (positive controls included), from ``<results>/<preset>/<chapter>/verdicts.json``,
+    in book order.
 
     Args:
         preset: whose verdicts of record to read (the book shows ``cpu``).
         root: the results folder (default: :func:`vmoe_lib.results.results_root`).
 
     Raises:
-        FileNotFoundError: no chapter has a ``verdicts.json`` for ``preset``.
+        ConfigError: the results folder is missing or no folder, no chapter has a ``verdicts.json`` for ``preset``,
+            or one is malformed (the message names the file and the command that regenerates it).
     """
+    from .errors import ConfigError
+
     base = Path(root) if root is not None else results_root()
+    if not (base / preset).is_dir():
+        raise ConfigError(f"results folder {str(base / preset)!r} is missing or not a folder: the verdicts of record live "
+                          f"in results/{preset}/<chapter>/verdicts.json (set $VMOE_RESULTS_DIR to another results folder)")
     notebooks = chapter_notebooks()
     files = sorted((base / preset).glob("*/verdicts.json"))
     if not files:
-        raise FileNotFoundError(f"no verdicts.json under {base / preset}: run a chapter with preset={preset!r} first")
+        raise ConfigError(f"no verdicts.json under {base / preset}: run a chapter with preset={preset!r} first")
     order = {name: i for i, name in enumerate(sorted(notebooks, key=notebooks.get))}
     files.sort(key=lambda p: (order.get(p.parent.name, len(order)), p.parent.name))
     rows = []
     for path in files:
-        records = json.loads(path.read_text(encoding="utf-8"))
-        controls = {r.get("control") for r in records if r.get("control")}
+        records = read_verdicts(path)
+        referenced = {r.get("control") for r in records if r.get("control")}
         for r in records:
+            kind = r.get("kind") or ("control" if r["claim_id"] in referenced else "claim")
             rows.append(ScoreboardRow(
                 chapter=path.parent.name, notebook=notebooks.get(path.parent.name, ""), claim_id=r["claim_id"],
                 claim=r["claim"], source=r.get("source", ""), verdict=r["verdict"], effect=_number(r.get("effect")),
                 bound=_number(r.get("bound")), mde=_number(r.get("mde")), min_effect=float(r["min_effect"]),
-                n=r.get("n"), is_control=r["claim_id"] in controls, data_url=_repository_url_of(path),
+                n=r.get("n"), kind=kind, data_url=_repository_url_of(path),
                 interval=tuple(float(x) for x in r["interval"]) if r.get("interval") else None,
+                paper=r.get("paper"), same_as=r.get("same_as"), why=r.get("why", ""), control=r.get("control"),
+                test=r.get("test", ""), exploratory=r.get("exploratory", ""),
             ))
     return rows
+
+
+def findings(rows: Sequence[ScoreboardRow]) -> list[Finding]:
+    """The papers' claims among ``rows``, each once: a claim another chapter's claim repeats (``same_as``) is one
+    finding listing both; each with the positive control it depends on. Grouped by paper (in the order of
+    :data:`vmoe_lib.papers.PAPERS`), then by chapter; positive controls are not findings."""
+    from .papers import PAPERS
+
+    by_key = {r.key: r for r in rows}
+    repeats: dict[str, list[ScoreboardRow]] = {}
+    for r in rows:
+        if not r.is_control and r.same_as:
+            repeats.setdefault(r.same_as, []).append(r)
+    out = []
+    for r in rows:
+        if r.is_control or (r.same_as and r.same_as in by_key):
+            continue
+        control = by_key.get(f"{r.chapter}:{r.control}") if r.control else None
+        out.append(Finding(r, tuple(repeats.get(r.key, ())), control))
+    rank = {key: i for i, key in enumerate(PAPERS)}
+    return sorted(out, key=lambda f: rank.get(f.paper, len(rank)))  # stable: chapters keep their order
 
 
 def _points(value: float | None, signed: bool = True) -> str:
@@ -140,12 +248,12 @@ def _interval(r: ScoreboardRow) -> str:
     return f"[{_points(r.interval[0])}, {_points(r.interval[1])}]"
 
 
-def _counts(rows: Sequence[ScoreboardRow]) -> Counter:
-    return Counter(r.verdict for r in rows)
+def _counts(items: Sequence[Finding]) -> Counter:
+    return Counter(f.row.verdict for f in items)
 
 
-def _counts_text(rows: Sequence[ScoreboardRow]) -> str:
-    counts = _counts(rows)
+def _counts_text(items: Sequence[Finding]) -> str:
+    counts = _counts(items)
     return ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICT_ORDER)
 
 
@@ -154,41 +262,91 @@ def verdict_badge(verdict: str, text: str | None = None) -> str:
     return f'<span class="vmoe-badge vmoe-{verdict.replace(" ", "-")}">{html.escape(text or verdict)}</span>'
 
 
+def _bar(r: ScoreboardRow) -> str:
+    """The smallest effect of interest as the rule reads it: ``±m`` (equivalence), ``-m`` (non-inferiority), ``m``."""
+    return f"{'±' if r.test == 'tost' else '-' if r.test == 'noninferiority' else ''}{r.min_effect:g}"
+
+
+def control_text(control: ScoreboardRow | None) -> str:
+    """The check a claim depends on, in words: ``"control passed: ... +1.91 [+1.74, +2.08] (bar 1)"``."""
+    if control is None:
+        return ""
+    value = f"{_points(control.effect)} {_interval(control)}" if control.effect is not None else "not measured"
+    return f"control {control.verdict}: experts' weight {value} points (bar {control.min_effect:g})"
+
+
+def paper_text(r: ScoreboardRow) -> str:
+    """The paper's own number for the claim (points), or "no number" where the paper states none."""
+    effect = (r.paper or {}).get("effect")
+    return "no number" if effect is None else f"{effect:+.1f}"
+
+
+def _chapter_link(r: ScoreboardRow, prefix: str) -> str:
+    if not r.notebook:
+        return html.escape(r.chapter)
+    return f'<a href="{prefix}{r.notebook}.html#{r.anchor}">{html.escape(r.notebook.split("_", 1)[0])}</a>'
+
+
 def scoreboard_html(rows: Sequence[ScoreboardRow], *, page_prefix: str = "../notebooks/") -> str:
-    """The landing page's scoreboard: verdict counts, then one table row per claim (``data-claim`` = its key).
+    """The landing page's scoreboard of the papers' claims (:func:`findings`): verdict counts, then one table row per
+    claim (``data-claim`` = its key; a claim two chapters test lists both, ``data-also``), grouped by paper.
 
     ``page_prefix`` is the relative path from the page holding the table to the chapters' pages.
     """
-    counts = _counts(rows)
+    from .papers import PAPERS
+
+    items = findings(rows)
+    counts = _counts(items)
     badges = " ".join(verdict_badge(v, f"{counts.get(v, 0)} {v}") for v in VERDICT_ORDER)
-    out = [f'<div class="vmoe-scoreboard vmoe-table-scroll"><p class="vmoe-counts">{len(rows)} claims: {badges}</p>',
-           '<table class="vmoe-scoreboard-table"><thead><tr><th>verdict</th><th>claim (paper)</th>'
-           '<th>effect<br>[90% interval]</th><th>MDE</th><th>chapter</th></tr></thead><tbody>']
-    for r in rows:
-        link = f'<a href="{page_prefix}{r.notebook}.html">{html.escape(r.notebook.split("_", 1)[0])}</a>' if r.notebook else "–"
-        control = ' <span class="vmoe-control">positive control</span>' if r.is_control else ""
+    out = [f'<div class="vmoe-scoreboard"><p class="vmoe-counts">{len(items)} claims of the papers: {badges}</p>',
+           '<table class="vmoe-scoreboard-table"><thead><tr><th>verdict</th><th>claim, reason and control</th>'
+           '<th>paper</th><th>ours [90% interval]</th><th>min effect</th><th>MDE</th><th>chapter</th>'
+           '</tr></thead><tbody>']
+    paper = None
+    for f in items:
+        r = f.row
+        if f.paper != paper:
+            paper = f.paper
+            name = PAPERS[paper].short if paper in PAPERS else "other"
+            cite = f" ({html.escape(PAPERS[paper].citation)})" if paper in PAPERS else ""
+            out.append(f'<tr class="vmoe-paper-row"><th colspan="7">{html.escape(name)}<small>{cite}</small></th></tr>')
+        also = " ".join(x.key for x in f.also)
+        chapters = " ".join(_chapter_link(x, page_prefix) for x in (r, *f.also))
+        control = f'<br><small class="vmoe-control">{html.escape(control_text(f.control))}</small>' if f.control else ""
+        where = html.escape((r.paper or {}).get("where", ""))
         out.append(
-            f'<tr data-claim="{html.escape(r.key)}"><td>{verdict_badge(r.verdict)}</td>'
-            f'<td>{html.escape(r.claim)}{control}<br><small>{html.escape(r.source)}</small></td>'
-            f'<td class="vmoe-num"><a href="{html.escape(r.data_url)}" title="the verdict record">{_points(r.effect)}</a><br>'
-            f"<small>{_interval(r)}</small></td>"
-            f'<td class="vmoe-num">{_points(r.mde, signed=False)}</td><td>{link}</td></tr>'
+            f'<tr data-claim="{html.escape(r.key)}"' + (f' data-also="{html.escape(also)}"' if also else "") + ">"
+            f"<td>{verdict_badge(r.verdict)}</td>"
+            f'<td>{html.escape(r.claim)}<br><small class="vmoe-why">{html.escape(r.why)}</small>{control}</td>'
+            f'<td class="vmoe-num" title="{where}">{html.escape(paper_text(r))}</td>'
+            f'<td class="vmoe-num"><a href="{html.escape(r.data_url)}" title="the verdict record">{_points(r.effect)}</a>'
+            f"<br><small>{_interval(r)}</small></td>"
+            f'<td class="vmoe-num">{html.escape(_bar(r))}</td>'
+            f'<td class="vmoe-num">{_points(r.mde, signed=False)}</td><td>{chapters}</td></tr>'
         )
     out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
 def scoreboard_markdown(rows: Sequence[ScoreboardRow]) -> str:
-    """The README's scoreboard section (a Markdown table; effects and bounds in accuracy points)."""
-    lines = [f"{len(rows)} claims: {_counts_text(rows)}. Effect in points (positive = the paper's direction; for an "
-             "equivalence or non-inferiority claim, A minus B), its 90% interval (whose ends are the one-sided 95% "
-             "bounds the rule reads), and the design's minimal detectable effect (MDE, 80% power); the book's "
-             "introduction states the rule.", "",
-             "| chapter | claim | paper | effect [90% interval] | MDE | verdict |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        control = " (positive control)" if r.is_control else ""
-        lines.append(f"| {r.notebook or r.chapter} | {r.claim}{control} | {r.source} | {_points(r.effect)} "
-                     f"{_interval(r)} | {_points(r.mde, signed=False)} | **{r.verdict}** |")
+    """The README's scoreboard section: the papers' claims (:func:`findings`) as a Markdown table, by paper."""
+    from .papers import PAPERS
+
+    items = findings(rows)
+    lines = [f"{len(items)} claims of the papers: {_counts_text(items)}. Effect in points (positive = the paper's "
+             "direction; for an equivalence or non-inferiority claim, A minus B), its 90% interval (whose ends are the "
+             "one-sided 95% bounds the rule reads), the paper's own number, the smallest effect of interest and the "
+             "design's minimal detectable effect (MDE, 80% power); the book's introduction states the rule. Positive "
+             "controls are checks, not findings: each claim's shows under it.", "",
+             "| paper | chapter | claim | paper's | ours [90% interval] | min | MDE | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f in items:
+        r = f.row
+        chapters = ", ".join((x.notebook or x.chapter).split("_", 1)[0] for x in (r, *f.also))
+        control = f" ({control_text(f.control)})" if f.control else ""
+        name = PAPERS[f.paper].short if f.paper in PAPERS else "other"
+        lines.append(f"| {name} | {chapters} | {r.claim}{control} | {paper_text(r)} | {_points(r.effect)} "
+                     f"{_interval(r)} | {_bar(r)} | {_points(r.mde, signed=False)} | **{r.verdict}** |")
     return "\n".join(lines)
 
 
@@ -202,6 +360,96 @@ def readme_with_scoreboard(readme: str, rows: Sequence[ScoreboardRow]) -> str:
     if start < 0 or end < start:
         raise ValueError(f"README has no scoreboard section: add the lines {_README_BEGIN!r} and {_README_END!r}")
     return readme[: start + len(_README_BEGIN)] + "\n" + scoreboard_markdown(rows) + "\n" + readme[end:]
+
+
+def _clearance(r: ScoreboardRow, verdict: str) -> float:
+    """How far the row's 90% interval clears what its verdict needs (points): for a reproduced claim, its lower
+    bound above zero (above the margin's floor for a non-inferiority claim, inside it for equivalence); for a claim
+    not reproduced, its upper bound below the smallest effect of interest (or its interval beyond the margin)."""
+    lo, hi = r.interval
+    m = r.min_effect
+    if r.test == "tost":
+        return m - max(abs(lo), abs(hi)) if verdict == "reproduced" else max(lo - m, -m - hi)
+    if r.test == "noninferiority":
+        return lo + m if verdict == "reproduced" else -m - hi
+    return lo if verdict == "reproduced" else m - hi
+
+
+def _strongest(items: Sequence[Finding], verdict: str) -> Finding | None:
+    """The finding of ``verdict`` whose interval clears it furthest (:func:`_clearance`)."""
+    pool = [f for f in items if f.row.verdict == verdict and f.row.interval is not None]
+    return max(pool, key=lambda f: _clearance(f.row, verdict)) if pool else None
+
+
+def _finding_sentence(f: Finding) -> str:
+    r = f.row
+    paper = (r.paper or {}).get("effect")
+    theirs = f"; the paper: {paper:+.1f}" if paper is not None else ""
+    chapter = (r.notebook or r.chapter).split("_", 1)[0]
+    link = f'<a href="../{r.page}#{r.anchor}">chapter {int(chapter)}</a>' if r.notebook else r.chapter
+    return f"{r.claim[0].lower()}{r.claim[1:]}, {_points(r.effect)} {_interval(r)} points{theirs} ({link})"
+
+
+def summary_markdown(rows: Sequence[ScoreboardRow], facts: dict[str, Any] | None = None) -> str:
+    """What the book found, generated from the verdicts of record: the scale in one sentence, then one bullet per
+    paper with its claims by verdict and its clearest reproduced and not-reproduced findings."""
+    from .papers import PAPERS
+
+    items = findings(rows)
+    out = []
+    if facts:
+        out.append(f"**At what scale.** Every number comes from models that activate at most "
+                   f"{facts['max_activated_k'] / 1e3:.1f}M parameters per token ({facts['max_params_k'] / 1e3:.1f}M in all, "
+                   f"counting every expert), trained {facts['epochs']} on {facts['data']} ({facts['images']}) on a "
+                   f"{facts['cores']}-core CPU: "
+                   f"thousands of times smaller than the papers' ImageNet runs, so a finding that does not reproduce "
+                   f"here may still hold at their scale (<a href=\"#why-results-at-this-scale-may-differ\">why results may differ</a>).")
+        out.append("")
+    out.append(f"**{len(items)} claims of the papers: {_counts_text(items)}.**")
+    out.append("")
+    for key in dict.fromkeys(f.paper for f in items):
+        mine = [f for f in items if f.paper == key]
+        paper = PAPERS.get(key)
+        name = f"[{paper.short}]({paper.url})" if paper else "Other"
+        parts = [f"* **{name}** — {len(mine)} claim{'s' * (len(mine) != 1)}: {_counts_text(mine)}."]
+        best, worst = _strongest(mine, "reproduced"), _strongest(mine, "not reproduced")
+        if best:
+            parts.append(f"Clearest reproduced: {_finding_sentence(best)}.")
+        if worst:
+            parts.append(f"Clearest not reproduced: {_finding_sentence(worst)}.")
+        untestable = [f for f in mine if f.row.verdict == "not testable"]
+        if untestable and not best and not worst:
+            parts.append(f"Not testable here: the mechanism these claims compare carries less weight than their "
+                         f"pre-registered bar ({len(untestable)} of {len(mine)}).")
+        out.append(" ".join(parts))
+    return "\n".join(out)
+
+
+def scale_facts(preset: str = "cpu", *, root: str | Path | None = None) -> dict[str, Any]:
+    """The scale of the results of record, read from their records: the largest model (thousands of parameters),
+    the training lengths, the data set and image size, the CPU's cores."""
+    base = Path(root) if root is not None else results_root()
+    params, activated, epochs, data, cores = [], [], set(), set(), set()
+    for path in sorted((base / preset).glob("*/*__s*.json")):
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        manifest, record = payload["manifest"], payload["record"]
+        params.append(float(record["costs"]["params_total"]))
+        activated.append(float(record["costs"].get("params_activated", record["costs"]["params_total"])))
+        config = manifest["config"]
+        epochs.add(int(config["epochs"]))
+        data.add((config["dataset"], config.get("image_size") or {"fashion_mnist": 28}.get(config["dataset"], 32)))
+        cores.add(int(manifest["hardware"].get("cpu_count") or 0))
+    names = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+    span = sorted(epochs)
+    return {
+        "max_params_k": max(params) / 1e3 if params else float("nan"),
+        "max_activated_k": max(activated) / 1e3 if activated else float("nan"),
+        "epochs": (f"for {span[0]} epoch{'s' * (span[0] != 1)}" if len(span) == 1 else
+                   f"for {', '.join(map(str, span[:-1]))} or {span[-1]} epochs"),
+        "data": " and ".join(sorted({names.get(d, d) for d, _ in data})),
+        "images": " and ".join(f"{s}×{s}" for s in sorted({s for _, s in data})) + " images",
+        "cores": min(cores) if cores else 0,
+    }
 
 
 def _day(stamp: str) -> str:
@@ -244,6 +492,89 @@ def provenance(results: ChapterResults) -> pd.DataFrame:
     return pd.DataFrame({"value": list(facts.values())}, index=pd.Index(list(facts), name="provenance"))
 
 
+def cell_text(value: Any) -> str:
+    """One table cell as a reader reads it: booleans as yes / no, missing values as a dash, dicts as ``key: value``
+    pairs, lists joined by commas, dataclasses by their name (or their fields), floats to 6 significant digits
+    (chapters round their numbers before they reach a table)."""
+    import dataclasses
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {cell_text(v)}" for k, v in value.items()) or "—"
+    if isinstance(value, (list, tuple, set)):
+        return ", ".join(cell_text(v) for v in value) or "—"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = getattr(value, "name", None)
+        return str(name) if name else ", ".join(f"{f.name}: {cell_text(getattr(value, f.name))}"
+                                                for f in dataclasses.fields(value))
+    if isinstance(value, float) or type(value).__name__.startswith("float"):
+        x = float(value)
+        return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:.6g}"
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def _is_mean_sd(value: Any) -> bool:
+    return isinstance(value, str) and "\u00a0±\u00a0" in value
+
+
+class Table:
+    """A table for a book page: every cell through :func:`cell_text` (no Python reprs), headers that wrap, in a box
+    the book's stylesheet sizes to the page (``vmoe-table``). Made by :func:`table`."""
+
+    def __init__(self, frame: pd.DataFrame, caption: str = "") -> None:
+        self.frame = frame
+        self.caption = caption
+
+    def text_frame(self) -> pd.DataFrame:
+        """The frame with every cell (and the index) as the text the page shows."""
+        out = self.frame.copy()
+        out = out.apply(lambda column: column.map(cell_text)) if not out.empty else out
+        out.index = [cell_text(i) if not isinstance(i, tuple) else " / ".join(cell_text(x) for x in i) for i in out.index]
+        out.columns = [cell_text(c) if not isinstance(c, tuple) else " / ".join(cell_text(x) for x in c) for c in out.columns]
+        return out
+
+    def _repr_html_(self) -> str:
+        frame = self.text_frame()
+        name = cell_text(self.frame.index.name) if self.frame.index.name else ""
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+        numeric = [[_is_number(v) or _is_mean_sd(v) for v in row] for row in self.frame.itertuples(index=False)]
+        body = "".join(
+            f'<tr><th>{html.escape(str(i))}</th>'
+            + "".join(f'<td class="vmoe-n">{html.escape(str(v))}</td>' if n else f"<td>{html.escape(str(v))}</td>"
+                      for v, n in zip(row, flags)) + "</tr>"
+            for i, row, flags in zip(frame.index, frame.itertuples(index=False), numeric)
+        )
+        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        return (f'<div class="vmoe-table"><table>{caption}<thead><tr><th>{html.escape(name)}</th>{head}</tr></thead>'
+                f"<tbody>{body}</tbody></table></div>")
+
+    def __repr__(self) -> str:
+        return self.text_frame().to_string()
+
+
+def table(frame: pd.DataFrame | pd.Series | Mapping[str, Any], caption: str = "") -> Table:
+    """The one way a chapter shows a table: a DataFrame (a Series or a dict becomes one column) with every cell as
+    text a reader reads (:func:`cell_text`), in the book's table style; ``caption`` (default: the frame's
+    ``attrs["caption"]``) goes under it."""
+    import pandas as pd
+
+    if isinstance(frame, Mapping):
+        frame = pd.Series(dict(frame), name="value").to_frame()
+    elif isinstance(frame, pd.Series):
+        frame = frame.to_frame()
+    return Table(frame, caption or frame.attrs.get("caption", ""))
+
+
 class VerdictTable:
     """A chapter's verdicts as a table that fits a book page (HTML in notebooks, Markdown elsewhere).
 
@@ -265,16 +596,23 @@ class VerdictTable:
 
     def _repr_html_(self) -> str:
         frame = self.frame()
-        out = ['<div class="vmoe-table-scroll"><table class="vmoe-verdicts"><thead><tr><th>verdict and claim</th>'
-               "<th>effect<br>[90% interval]</th><th>min<br>effect</th><th>p<br>(Holm)</th><th>MDE</th>"
+        out = ['<div class="vmoe-table"><table class="vmoe-verdicts"><thead><tr><th>verdict and claim</th>'
+               "<th>ours<br>[90% interval]</th><th>paper</th><th>min<br>effect</th><th>p<br>(Holm)</th><th>MDE</th>"
                "<th>n, test</th></tr></thead><tbody>"]
         for record, (claim_id, row) in zip(self.records, frame.iterrows()):
+            where = html.escape((record.paper or {}).get("where", ""))
+            paper = (f'{html.escape(row["paper"])}<br><small>{where}</small>' if record.paper is not None
+                     else '<small>a check, not a finding</small>')
+            note = (f'<br><small class="vmoe-exploratory">{html.escape(record.exploratory)}</small>'
+                    if record.exploratory else "")
             out.append(
-                f'<tr data-claim-id="{html.escape(str(claim_id))}"><td class="vmoe-claim">{verdict_badge(record.verdict)} '
+                f'<tr id="claim-{html.escape(str(claim_id))}" data-claim-id="{html.escape(str(claim_id))}">'
+                f'<td class="vmoe-claim">{verdict_badge(record.verdict)} '
                 f"<strong>{self._claim_link(str(claim_id))}</strong>: {html.escape(record.claim)}<br>"
                 f"<small>{html.escape(record.source)}</small><br>"
-                f'<small class="vmoe-why">{html.escape(record.why)}</small></td>'
+                f'<small class="vmoe-why">{html.escape(record.why)}</small>{note}</td>'
                 f'<td class="vmoe-num">{html.escape(row["effect (points)"])}<br><small>{html.escape(row["90% interval"])}</small></td>'
+                f'<td class="vmoe-paper">{paper}</td>'
                 f'<td class="vmoe-num">{html.escape(row["min effect"])}</td>'
                 f'<td class="vmoe-num">{html.escape(row["p"])}<br><small>({html.escape(row["Holm p"])})</small></td>'
                 f'<td class="vmoe-num">{html.escape(row["MDE (80%)"])}</td>'

@@ -7,8 +7,8 @@ is corrected within and the positive control it depends on. The chapter then com
 :class:`TestResult` per claim with the test the claim names, and :func:`decide_family` applies
 Holm's correction within the family and this rule (stated once, in the book's introduction):
 
-* **not testable** — the claim's positive control is not reproduced: the mechanism carries no
-  measurable weight here, so its absence of effect says nothing;
+* **not testable** — the claim's positive control failed: the mechanism it compares does not carry the
+  weight the claim's pre-registered bar asks for here, so its presence or absence of effect says nothing;
 * **not reproduced** — the one-sided 95 % upper bound of the effect in the paper's direction is
   below ``min_effect``: any effect in the paper's direction is smaller than the smallest that
   matters (this includes a significant but negligible effect);
@@ -24,6 +24,10 @@ Non-inferiority claims ("A is never meaningfully worse than B") are decided by o
 against the margin ``min_effect`` (H0: A is worse than B by ``min_effect`` or more): reproduced when
 its Holm-adjusted p < 0.05, not reproduced when the one-sided 95 % upper bound of ``A - B`` is below
 ``-min_effect`` (A is worse by more than the margin), inconclusive otherwise.
+
+A **positive control** (``kind="control"``) is a check a claim depends on, not a finding: the same rule reads it,
+and it **passed** where a claim would be reproduced (its effect is above zero and not shown to be below its bar),
+**failed** otherwise.
 
 Effects are in accuracy points (percent) in the paper's direction: a positive effect agrees with
 the paper. The interval shown is the two-sided 90 % one, whose ends are the two one-sided 95 %
@@ -59,7 +63,7 @@ from scipy import stats as _st
 from .errors import ConfigError, check_choice
 
 __all__ = [
-    "ALPHA", "POWER", "VERDICTS", "TESTS", "Claim", "TestResult", "VerdictRecord",
+    "ALPHA", "POWER", "VERDICTS", "CONTROL_VERDICTS", "KINDS", "TESTS", "Claim", "TestResult", "VerdictRecord",
     "paired_t", "welch_t", "mcnemar", "paired_bootstrap", "slope", "interaction", "tost", "noninferiority",
     "holm", "mde", "seeds_for_mde", "decide", "decide_family", "verdict_frame", "write_verdict_records",
     "power_table",
@@ -68,6 +72,8 @@ __all__ = [
 ALPHA = 0.05
 POWER = 0.80
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable")
+CONTROL_VERDICTS = ("passed", "failed")
+KINDS = ("claim", "control")
 TESTS = ("paired_t", "welch_t", "mcnemar", "paired_bootstrap", "slope", "interaction", "tost", "noninferiority")
 DIRECTIONS = ("greater", "less")
 POINTS = 100.0  # accuracies are stored as fractions; effects are reported in points
@@ -94,6 +100,11 @@ class Claim:
         control: id of the positive-control claim this claim depends on (``None``: none).
         measure: how the chapter computes this claim's test from its runs, ``measure(claim, results)`` (e.g.
             :class:`vmoe_lib.chapters.base.SeedPaired`); not part of the verdict record.
+        kind: ``"claim"`` (a paper's finding) or ``"control"`` (a positive control: a check other claims depend on,
+            decided ``passed`` / ``failed``).
+        paper: the paper's own number for a claim (:class:`vmoe_lib.papers.PaperNumber`); ``None`` for a control.
+        same_as: ``"<chapter>:<claim id>"`` of a claim of an earlier chapter that tests the same contrast on the same
+            runs; the book's scoreboard shows the two as one row.
     """
 
     id: str
@@ -109,6 +120,9 @@ class Claim:
     direction: str = "greater"
     control: str | None = None
     measure: Any = None
+    kind: str = "claim"
+    paper: Any = None
+    same_as: str | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not isinstance(self.id, str):
@@ -124,6 +138,11 @@ class Claim:
             raise ConfigError(f"claim {self.id!r}: test={self.test!r} needs paired=True")
         if self.test == "welch_t" and self.paired:
             raise ConfigError(f"claim {self.id!r}: test='welch_t' is for unpaired arms; use 'paired_t' for paired ones")
+        check_choice("kind", self.kind, KINDS)
+        if self.kind == "control" and (self.paper is not None or self.control is not None):
+            raise ConfigError(f"claim {self.id!r} is a positive control: it has no paper number and no control of its own")
+        if self.paper is not None and not hasattr(self.paper, "to_dict"):
+            raise ConfigError(f"paper={self.paper!r} of claim {self.id!r} is invalid; use vmoe_lib.papers.PaperNumber")
         if self.test in ("tost", "noninferiority") and self.direction != "greater":
             raise ConfigError(f"claim {self.id!r}: test={self.test!r} has no direction (the effect is A - B against the "
                               f"margin); leave direction='greater' and order the contrast as A vs B")
@@ -375,7 +394,7 @@ def seeds_for_mde(sd: float, target: float, *, paired: bool, max_seeds: int = 20
     return None
 
 
-def power_table(sds: Mapping[str, tuple[float, bool]], seeds: Sequence[int] = (3, 4, 6, 8, 10, 12, 16),
+def power_table(sds: Mapping[str, tuple[float, bool]], seeds: Sequence[int] = (3, 4, 6, 8, 12, 16),
                 target: float = 0.5) -> pd.DataFrame:
     """For each design (name -> (sd in points, paired)): its MDE at each seed count, and the seeds
     needed for an MDE of ``target`` points."""
@@ -430,13 +449,59 @@ class VerdictRecord:
     values: dict[str, Any] = field(default_factory=dict)
     interval: tuple[float, float] | None = None
     min_effect_why: str = ""
+    kind: str = "claim"
+    paper: dict[str, Any] | None = None
+    same_as: str | None = None
+    exploratory: str = ""
 
 
-def decide(claim: Claim, result: TestResult | None, p_holm: float | None, control_verdict: str | None = None) -> tuple[str, str]:
-    """``(verdict, why)`` of one claim by the module's rule. ``result`` ``None``: the data to test it are missing."""
-    if claim.control is not None and control_verdict != "reproduced":
-        return "not testable", (f"its positive control {claim.control!r} is {control_verdict or 'missing'}: the mechanism "
-                                f"carries no measurable weight here")
+def _p(p: float | None) -> str:
+    """A p-value as the book prints it: 3 significant digits; one below double precision's reach as ``< 1e-300``."""
+    if p is None:
+        return "—"
+    return "< 1e-300" if p < 1e-300 else f"{p:.3g}"
+
+
+def _interval_text(result: TestResult) -> str:
+    return f"{result.effect:+.2f} [{result.lower:+.2f}, {result.upper:+.2f}] points"
+
+
+def _control_failure(control: Claim | None, result: TestResult | None, control_verdict: str | None) -> str:
+    """Why a claim is not testable, in the numbers of its control."""
+    if control is None or result is None or control_verdict in (None, "not measured in these runs"):
+        return "its positive control was not measured in these runs"
+    if result.upper < control.min_effect:
+        return (f"its positive control failed: the weight it measures ({control.id}), {_interval_text(result)}, is below "
+                f"the {control.min_effect:g}-point bar pre-registered for this claim")
+    return (f"its positive control failed: the weight it measures ({control.id}), {_interval_text(result)}, is not shown "
+            f"to be above zero")
+
+
+def decide(claim: Claim, result: TestResult | None, p_holm: float | None, control_verdict: str | None = None,
+           control: tuple[Claim, TestResult | None] | None = None) -> tuple[str, str]:
+    """``(verdict, why)`` of one claim by the module's rule. ``result`` ``None``: the data to test it are missing.
+
+    ``control_verdict`` is the verdict of the claim's positive control and ``control`` that control's claim and test
+    (for the reason of a "not testable" verdict). A positive control itself (``claim.kind == "control"``) is
+    ``passed`` where the rule would reproduce a claim, ``failed`` otherwise.
+    """
+    if claim.kind == "control":
+        verdict, why = _decide_rule(claim, result, p_holm)
+        if result is None:
+            return "failed", why
+        bar = f"the {claim.min_effect:g}-point bar"
+        if verdict == "reproduced":
+            return "passed", (f"cost {_interval_text(result)}: above zero (Holm p {_p(p_holm)}) and not shown to be "
+                              f"below {bar} (95% upper bound {result.upper:+.2f})")
+        if result.upper < claim.min_effect:
+            return "failed", f"cost {_interval_text(result)}: its 95% upper bound is below {bar}"
+        return "failed", f"cost {_interval_text(result)}: not shown to be above zero (Holm p {_p(p_holm)})"
+    if claim.control is not None and control_verdict != "passed":
+        return "not testable", _control_failure(*(control or (None, None)), control_verdict)
+    return _decide_rule(claim, result, p_holm)
+
+
+def _decide_rule(claim: Claim, result: TestResult | None, p_holm: float | None) -> tuple[str, str]:
     if result is None:
         return "inconclusive", "the runs this claim needs are missing"
     m = claim.min_effect
@@ -467,6 +532,14 @@ def decide(claim: Claim, result: TestResult | None, p_holm: float | None, contro
                             f"{m:g}; MDE of this design {result.mde:.2f} points")
 
 
+def _exploratory(claim: Claim, verdict: str, result: TestResult | None) -> str:
+    """A note apart from the verdict where the rule does not read a measured effect (a claim whose control failed)."""
+    if verdict != "not testable" or result is None:
+        return ""
+    return (f"Exploratory, not a verdict: the contrast measured {_interval_text(result)}; the rule does not read it "
+            f"because the control it depends on failed.")
+
+
 def decide_family(claims: Sequence[Claim], results: Mapping[str, TestResult | None]) -> list[VerdictRecord]:
     """Decide every claim: Holm within each family (over the claims that have a result and a testable
     control), controls first, then the rule. Claims are returned in the order given."""
@@ -489,7 +562,7 @@ def decide_family(claims: Sequence[Claim], results: Mapping[str, TestResult | No
         # Holm within each family, over the claims of this level that are testable and have a result.
         families: dict[str, list[Claim]] = {}
         for c in level:
-            testable = c.control is None or verdicts.get(c.control) == "reproduced"
+            testable = c.control is None or verdicts.get(c.control) == "passed"
             if results.get(c.id) is not None and testable:
                 families.setdefault(c.family, []).append(c)
         for fam in families.values():
@@ -499,6 +572,10 @@ def decide_family(claims: Sequence[Claim], results: Mapping[str, TestResult | No
         for c in level:
             verdicts[c.id] = decide(c, results.get(c.id), p_holm.get(c.id), verdicts.get(c.control) if c.control else None)[0]
 
+    for c in claims:
+        if c.control is not None and by_id[c.control].kind != "control":
+            raise ConfigError(f"claim {c.id!r} names {c.control!r} as its positive control, but that claim is declared "
+                              f"kind={by_id[c.control].kind!r}; declare it kind='control'")
     controls = [c for c in claims if any(o.control == c.id for o in claims)]
     settle([c for c in controls if c.control is None])
     settle([c for c in claims if c not in controls or c.control is not None])
@@ -508,7 +585,8 @@ def decide_family(claims: Sequence[Claim], results: Mapping[str, TestResult | No
         control_verdict = verdicts.get(c.control) if c.control else None
         if c.control and results.get(c.control) is None:
             control_verdict = "not measured in these runs"
-        verdict, why = decide(c, r, p_holm.get(c.id), control_verdict)
+        control = (by_id[c.control], results.get(c.control)) if c.control else None
+        verdict, why = decide(c, r, p_holm.get(c.id), control_verdict, control)
         out.append(VerdictRecord(
             claim_id=c.id, claim=c.claim, source=c.source, contrast=c.contrast, metric=c.metric, direction=c.direction,
             min_effect=c.min_effect, paired=c.paired, test=c.test, family=c.family,
@@ -516,7 +594,8 @@ def decide_family(claims: Sequence[Claim], results: Mapping[str, TestResult | No
             effect=r.effect if r else None, bound=(r.upper if c.test != "tost" else max(abs(r.lower), abs(r.upper))) if r else None,
             p_value=r.p_value if r else None, p_holm=p_holm.get(c.id), mde=r.mde if r else None, control=c.control,
             verdict=verdict, why=why, values=dict(r.values) if r else {}, interval=(r.lower, r.upper) if r else None,
-            min_effect_why=c.min_effect_why,
+            min_effect_why=c.min_effect_why, kind=c.kind, paper=c.paper.to_dict() if c.paper is not None else None,
+            same_as=c.same_as, exploratory=_exploratory(c, verdict, r),
         ))
     return out
 
@@ -526,8 +605,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def verdict_frame(records: Sequence[VerdictRecord]) -> pd.DataFrame:
-    """The verdict table a chapter shows: verdict, effect with its 90 % interval, min effect, Holm p, MDE, n, test,
-    raw p, the claim and why (verdict and numbers first, so they stay in view when a narrow page scrolls the table)."""
+    """The verdict table a chapter shows: verdict, effect with its 90 % interval, the paper's number, min effect, Holm
+    p, MDE, n, test, raw p, the claim and why (verdict and numbers first)."""
     rows = {}
     for v in records:
         ci = f"[{v.interval[0]:+.2f}, {v.interval[1]:+.2f}]" if v.interval else "—"
@@ -535,6 +614,8 @@ def verdict_frame(records: Sequence[VerdictRecord]) -> pd.DataFrame:
             "verdict": v.verdict,
             "effect (points)": _fmt(v.effect, "+.2f"),
             "90% interval": ci,
+            "paper": ("—" if v.paper is None else "no number" if v.paper.get("effect") is None
+                      else f"{v.paper['effect']:+.1f}"),
             "min effect": f"{'±' if v.test == 'tost' else '-' if v.test == 'noninferiority' else ''}{v.min_effect:g}",
             "Holm p": _fmt(v.p_holm, ".3g"),
             "MDE (80%)": _fmt(v.mde, ".2f"),

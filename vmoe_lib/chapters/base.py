@@ -47,7 +47,7 @@ from ..sweep import EXECUTORS, resolve_workers
 from ..train import TrainConfig
 
 __all__ = [
-    "Preset", "Run", "Plan", "Chapter", "ChapterResults", "Measure", "SeedPaired", "PerImage", "Bypassed",
+    "Preset", "Run", "Plan", "Chapter", "ChapterResults", "Measure", "SeedPaired", "PerImage", "Bypassed", "control_claim",
     "select_preset", "apply_overrides", "results_preset", "preset_frame", "parse_seeds", "parse_overrides",
     "sweep_wall_minutes", "routing_at",
 ]
@@ -250,6 +250,22 @@ class Bypassed(Measure):
         return mcnemar(np.stack([correct_of(r) for r in runs]), np.stack([bypass_correct_of(r) for r in runs]))
 
 
+def control_claim(run: str, *, family: str, min_effect: float, min_effect_why: str, claim_id: str | None = None,
+                  label: str | None = None) -> Claim:
+    """The positive control of an MoE run (``kind="control"``, measured by :class:`Bypassed`): its experts carry
+    weight, i.e. bypassing every MoE layer at inference costs accuracy, and not demonstrably less than ``min_effect``
+    points (the rule's reading: above zero, with a 95 % upper bound that reaches the bar). The claims that compare the
+    mechanism depend on it (``control=``)."""
+    return Claim(
+        id=claim_id or f"experts_carry_weight_{run}",
+        claim=(f"The experts of {label or run} carry weight: bypassing every MoE layer at inference costs accuracy, "
+               f"not shown to be less than {min_effect:g} point"),
+        source="positive control: the weight the experts carry", contrast=f"{run} vs {run} with its MoE layers bypassed",
+        test="mcnemar", min_effect=min_effect, min_effect_why=min_effect_why, family=family, paired=True,
+        kind="control", measure=Bypassed(run),
+    )
+
+
 # ----------------------------------------------------------------------------------------------- overrides, seeds
 def select_preset(presets: Mapping[str, Preset], name: str) -> Preset:
     """The preset called ``name``; :class:`ConfigError` listing the allowed names otherwise."""
@@ -365,7 +381,7 @@ def preset_frame(presets: Mapping[str, Preset]) -> pd.DataFrame:
 
 def sweep_wall_minutes(results: Sequence[RunResult]) -> float:
     """Wall minutes the sweep that made ``results`` took: from the start of its first run to the end of its
-    last (each manifest holds when its run finished and how long its worker session took).
+    last (each manifest holds when its run finished and how long its worker took from start to end).
 
     With parallel workers this is what a reader waits, less than the sum of the runs' times. A sweep
     trained in several sittings counts the pauses between them too.
@@ -606,7 +622,10 @@ class Chapter:
 
     def run_table(self, preset: str, columns: Sequence[str] = ()) -> pd.DataFrame:
         """The runs of ``preset``: model, epochs, seeds, where their records come from, and the ``model_kwargs``
-        named in ``columns``."""
+        named in ``columns``. A column with one value for every run moves to the table's caption
+        (``frame.attrs["caption"]``, which :func:`vmoe_lib.book.table` shows), so the table keeps what differs."""
+        from ..book import cell_text
+
         plan = self.plan(preset)
         rows = {}
         for s in plan.specs:
@@ -614,7 +633,12 @@ class Chapter:
             rows[s.name] = {"model": s.config.model, "epochs": s.config.epochs, "seeds": len(s.seeds),
                             "from": "this chapter" if s.chapter == self.name else f"{s.chapter} ({s.stored_as})",
                             **{c: kwargs.get(c, "") for c in columns}}
-        return pd.DataFrame.from_dict(rows, orient="index")
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        same = [c for c in frame.columns if len(frame) > 1 and frame[c].map(cell_text).nunique() == 1]
+        out = frame.drop(columns=same)
+        if same:
+            out.attrs["caption"] = "Every run: " + "; ".join(f"{c} {cell_text(frame[c].iloc[0])}" for c in same) + "."
+        return out
 
     def control_table(self, results: ChapterResults) -> pd.DataFrame:
         """Per MoE run: test accuracy as trained and with every MoE layer bypassed at inference (mean over seeds), and

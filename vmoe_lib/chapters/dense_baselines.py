@@ -13,7 +13,7 @@ and seeds. For each candidate the chapter measures, from the stored runs:
 * the CPU minutes per run with the parallel executor.
 
 The test bed of record is chosen by :meth:`DenseBaselines.choose_test_bed`, a rule fixed before the runs were
-read: among the ViT candidates whose positive control is reproduced, the one with the highest
+read: among the ViT candidates whose positive control passed, the one with the highest
 resolution per CPU hour, ``gain / sd / sqrt(hours per run)`` (the t-statistic a paired comparison
 reaches per square root of CPU hour); ConvNeXt likewise among its candidates.
 
@@ -34,12 +34,14 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 from ..analysis import format_mean_sd, summary_table
 from ..plots import _color, style
 from ..stats import Claim, seeds_for_mde
-from .base import Bypassed, Chapter, ChapterResults, Preset, Run, SeedPaired
-from .recipes import SMOKE_DATA, TEST_BED_MOE, Candidate, cifar_recipe, fashion_mnist_recipe
+from ..papers import PaperNumber
+from .base import Chapter, ChapterResults, Preset, Run, SeedPaired, control_claim
+from .recipes import SMOKE_DATA, SWEET_SPOT_GAIN, TEST_BED_MOE, Candidate, cifar_recipe, fashion_mnist_recipe
 
 __all__ = ["NAME", "PRESETS", "DenseBaselines", "chapter"]
 
@@ -47,9 +49,9 @@ NAME = "dense_baselines"
 
 
 def _candidates(vit: str, convnext: str, vit_epochs: Sequence[int], conv_epochs: Sequence[int]) -> tuple[Candidate, ...]:
-    out = [Candidate(f"{vit.split('_patch')[0]}_{tag}_e{e}", "vit", vit, placement, e)
+    out = [Candidate(f"{vit.split('_patch')[0]}_{tag}_{e}ep", "vit", vit, placement, e)
            for e in vit_epochs for tag, placement in (("last2", "last-2"), ("all", "all"))]
-    out += [Candidate(f"{convnext.replace('_32', '')}_s2every2_e{e}", "convnext", convnext, "s2:every-2", e)
+    out += [Candidate(f"{convnext.replace('_32', '')}_s2every2_{e}ep", "convnext", convnext, "s2:every-2", e)
             for e in conv_epochs]
     return tuple(out)
 
@@ -61,8 +63,8 @@ PRESETS: dict[str, Preset] = {
         hardware="CPU, 2 cores",
         expected_minutes=1.5,
         seeds=(0, 1),
-        settings={"candidates": (Candidate("vit_pico_last2_e1", "vit", "vit_pico_patch7_28", "last-2", 1),
-                                 Candidate("convnext_zepto_s2every2_e1", "convnext", "convnext_zepto_32", "s2:every-2", 1)),
+        settings={"candidates": (Candidate("vit_pico_last2_1ep", "vit", "vit_pico_patch7_28", "last-2", 1),
+                                 Candidate("convnext_zepto_s2every2_1ep", "convnext", "convnext_zepto_32", "s2:every-2", 1)),
                   **SMOKE_DATA},
     ),
     "cpu": Preset(
@@ -129,15 +131,9 @@ class DenseBaselines(Chapter):
         cands = self.candidates(preset)
         for c in cands:
             control = f"experts_carry_weight_{c.name}"
-            out.append(Claim(
-                id=control,
-                claim=f"Bypassing every MoE layer of {c.moe_run} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
-                source="positive control (resolution issue): the weight the experts carry",
-                contrast=f"{c.moe_run} vs the same models with MoE layers bypassed", test="mcnemar",
-                min_effect=CONTROL_MIN_EFFECT,
-                min_effect_why="the papers' routing effects are 0.3-1 point; experts that carry less than 1 point cannot show them",
-                family=f"{FAMILY}:controls", paired=True, measure=Bypassed(c.moe_run),
-            ))
+            out.append(control_claim(
+                c.moe_run, claim_id=control, family=f"{FAMILY}:controls", min_effect=CONTROL_MIN_EFFECT,
+                min_effect_why="the papers' routing effects are 0.3-1 point; experts that carry less than 1 point cannot show them"))
             out.append(Claim(
                 id=f"moe_vs_dense_{c.name}",
                 claim=f"The MoE model ({c.moe_run}) beats its dense model ({c.dense_run}) at equal activated FLOPs",
@@ -145,6 +141,7 @@ class DenseBaselines(Chapter):
                 contrast=f"{c.moe_run} vs {c.dense_run}", test="paired_t", min_effect=GAIN_MIN_EFFECT,
                 min_effect_why="tiny MoE ViTs gain +0.5 to +1 point over dense ones (arXiv:2411.18322); the low end",
                 family=FAMILY, paired=True, control=control, measure=SeedPaired(c.moe_run, c.dense_run),
+                paper=SWEET_SPOT_GAIN[(c.family, c.placement)],
             ))
         vit = [c for c in cands if c.family == "vit"]
         conv = [c for c in cands if c.family == "convnext"]
@@ -158,6 +155,8 @@ class DenseBaselines(Chapter):
                 min_effect_why="ViT's Fig. 3: ResNets lead ViTs by several points when pre-trained on the smallest sets; "
                                "1 point is a conservative floor",
                 family=FAMILY, paired=True, measure=SeedPaired(k.dense_run, v.dense_run),
+                paper=PaperNumber("vit", None, "Fig. 3 (pre-training on subsets of ImageNet-21k and JFT): on the smallest "
+                                               "sets ResNets lead ViTs by several points; a figure, no table gives the gap"),
             ))
         return out
 
@@ -226,7 +225,7 @@ class DenseBaselines(Chapter):
 
     def choose_test_bed(self, results: ChapterResults) -> dict[str, str | None]:
         """The rule fixed before the runs were read: per family (ViT, ConvNeXt), among the candidates
-        whose positive control is reproduced, the highest ``resolution / sqrt(CPU h)``; when no
+        whose positive control passed, the highest ``resolution / sqrt(CPU h)``; when no
         candidate passes its control, the one that loses most when bypassed (and the chapter says so)."""
         df = self.calibration_frame(results)
         verdict = {v.claim_id: v.verdict for v in self.verdicts(results, write=False)}
@@ -236,7 +235,7 @@ class DenseBaselines(Chapter):
             if sub.empty:
                 out[family] = None
                 continue
-            passed = [n for n in sub.index if verdict.get(f"experts_carry_weight_{n}") == "reproduced"]
+            passed = [n for n in sub.index if verdict.get(f"experts_carry_weight_{n}") == "passed"]
             if passed:
                 out[family] = str(sub.loc[passed, "resolution / sqrt(CPU h)"].idxmax())
             else:
@@ -260,36 +259,46 @@ class DenseBaselines(Chapter):
 
     def plot_calibration(self, results: ChapterResults):
         """Per candidate (one row each): the MoE gain over its dense model (top) and the accuracy lost when the MoE
-        layers are bypassed (bottom), in points; dots are seeds, bars their mean."""
+        layers are bypassed (bottom), in points; dots are seeds, bars their mean (seaborn)."""
         style()
         df = self.calibration_frame(results)
         groups = results.by_name()
         cands = [c for c in self.candidates(self.preset_of(results)) if c.name in df.index]
-        height = 1.2 + 0.42 * max(1, len(cands))
-        fig, axes = plt.subplots(2, 1, figsize=(7.5, 2 * height), sharey=True)
-        labels = []
-        for i, c in enumerate(cands):
+        rows = []
+        for c in cands:
             a, b = results.paired(c.moe_run, c.dense_run)
-            gain = (np.array(a) - np.array(b)) * 100
-            loss = np.array([r.final["test_accuracy"] - r.record["moe_bypass"]["accuracy"] for r in groups[c.moe_run]]) * 100
-            for ax, values in ((axes[0], gain), (axes[1], loss)):
-                ax.barh(i, values.mean(), color=_color(i), alpha=0.35, height=0.6)
-                ax.scatter(values, np.full(values.size, i) + np.linspace(-0.15, 0.15, values.size), color=_color(i), s=16, zorder=3)
-                ax.annotate(f"{values.mean():+.2f}", (max(values.max(), values.mean(), 0), i), xytext=(6, 0),
-                            textcoords="offset points", va="center", fontsize=9)
-            labels.append(c.name)
-        axes[0].axvline(GAIN_MIN_EFFECT, color="0.35", ls="--", lw=1)
-        axes[1].axvline(CONTROL_MIN_EFFECT, color="0.35", ls="--", lw=1)
-        for ax in axes:
+            rows += [{"candidate": c.name, "panel": "gain", "points": (x - y) * 100} for x, y in zip(a, b)]
+            rows += [{"candidate": c.name, "panel": "bypass", "points": (r.final["test_accuracy"] -
+                                                                        r.record["moe_bypass"]["accuracy"]) * 100}
+                     for r in groups[c.moe_run]]
+        data = pd.DataFrame(rows)
+        order = [c.name for c in cands]
+        palette = {name: _color(i) for i, name in enumerate(order)}
+        height = 1.4 + 0.45 * max(1, len(cands))
+        fig, axes = plt.subplots(2, 1, figsize=(7.2, 2 * height), sharey=True)
+        panels = (("gain", GAIN_MIN_EFFECT, "MoE minus dense (points, paired by seed)",
+                   "MoE gain at equal activated FLOPs (dashed: smallest gain of interest)"),
+                  ("bypass", CONTROL_MIN_EFFECT, "accuracy lost with every MoE layer bypassed (points)",
+                   "Positive control: the weight the experts carry (dashed: the bar)"))
+        for ax, (panel, bar, xlabel, title) in zip(axes, panels):
+            sub = data[data["panel"] == panel]
+            if sub.empty:
+                continue
+            sns.barplot(data=sub, y="candidate", x="points", hue="candidate", order=order, hue_order=order,
+                        palette=palette, alpha=0.35, errorbar=None, legend=False, ax=ax)
+            sns.stripplot(data=sub, y="candidate", x="points", hue="candidate", order=order, hue_order=order,
+                          palette=palette, size=5, jitter=0.15, legend=False, ax=ax)
+            for i, name in enumerate(order):
+                values = sub.loc[sub["candidate"] == name, "points"]
+                if len(values):
+                    ax.annotate(f"{values.mean():+.2f}", (max(values.max(), values.mean(), 0), i), xytext=(6, 0),
+                                textcoords="offset points", va="center")
+            ax.axvline(bar, color="0.35", ls="--", lw=1)
             ax.axvline(0, color="0.2", lw=0.8)
-            ax.set_yticks(range(len(labels)), labels, fontsize=9)
             ax.margins(x=0.15)
-        axes[0].invert_yaxis()  # shared: the first candidate on top in both panels
-        axes[0].set_xlabel(f"MoE - dense test accuracy (points, paired by seed); dashed: {GAIN_MIN_EFFECT:g}", fontsize=9)
-        axes[0].set_title("MoE gain at equal activated FLOPs (dashed: smallest gain of interest)", fontsize=10)
-        axes[1].set_xlabel(f"accuracy lost with every MoE layer bypassed (points); dashed: {CONTROL_MIN_EFFECT:g}",
-                           fontsize=9)
-        axes[1].set_title("Positive control: the weight the experts carry (dashed: threshold)", fontsize=10)
+            ax.set_ylabel("")
+            ax.set_xlabel(xlabel)
+            ax.set_title(title)
         fig.tight_layout()
         return fig
 
@@ -319,8 +328,8 @@ class DenseBaselines(Chapter):
             if alone:
                 how = ("the only candidate of its family calibrated here (control "
                        f"{passed.verdict if passed else 'not measured'}; MoE gain {row['gain (points)']:+.2f} points)")
-            elif passed and passed.verdict == "reproduced":
-                how = "the highest resolution per CPU hour among the candidates whose control is reproduced"
+            elif passed and passed.verdict == "passed":
+                how = "the highest resolution per CPU hour among the candidates whose control passed"
             else:
                 how = "no candidate passed its control, so the one whose experts carry the most weight"
             n_unpaired = seeds_for_mde_or_none(float(row["sd MoE"]), paired=False)

@@ -34,19 +34,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
-import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
 
 from ..analysis import load_cv, mean_sd_text, routing_of, summary_table
 from ..models.placement import resolve_moe_layers
-from ..plots import _color, style
+from ..plots import _color, plain_log_axis, strip_with_means, style
 from ..stats import Claim, VerdictRecord
 from ..train import TrainConfig
-from .base import Bypassed, Chapter, ChapterResults, Preset, Run, SeedPaired, routing_at
+from ..papers import PaperNumber
+from .base import Chapter, ChapterResults, Preset, Run, SeedPaired, control_claim, routing_at
 from .probes import RoutingStatsProbe
-from .recipes import SMOKE_DATA, TEST_BED_MOE, preset_recipe
+from .recipes import SMOKE_DATA, SWEET_SPOT_GAIN, TEST_BED_MOE, preset_recipe
 
 __all__ = ["NAME", "PRESETS", "PLACEMENTS", "ARCHITECTURES", "Placement", "chapter"]
 
@@ -112,6 +112,13 @@ MARGIN = 0.5
 SLIGHT = 0.3
 GAIN_MIN_EFFECT = 0.5
 CONTROL_MIN_EFFECT = 1.0
+# The sweet-spot study's placement table (Tab. 3, 8 experts, ImageNet-1k): Last-2 minus the other placement.
+_TAB3_MODEL = {"vit": "ViT-S", "convnext": "ConvNeXt-T"}
+_TAB3 = {
+    ("vit", "every2"): PaperNumber("sweet_spot", -0.2, "Tab. 3, ViT-S, ImageNet-1k: Last-2 80.5, Every-2 80.7"),
+    ("convnext", "every2"): PaperNumber("sweet_spot", 0.3, "Tab. 3, ConvNeXt-T, ImageNet-1k: Last-2 82.1, Every-2 81.8"),
+}
+_EVERY2_OVER_LAST2 = PaperNumber("sweet_spot", 0.2, "Tab. 3, ViT-S, ImageNet-1k: Every-2 80.7, Last-2 80.5")
 _SWEET = "Sweet-spot study (Videau et al., arXiv:2411.18322), placement study"
 _MARGIN_WHY = ("the book's smallest effect of interest for a design choice: the low end of the 0.3-1 point effects the "
                "papers report at our model sizes; a placement 0.5 point worse than the best is 'meaningfully worse'")
@@ -156,12 +163,6 @@ def _moe_blocks(config: TrainConfig) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------- figures
-def _band(ax, values: np.ndarray, label: str) -> None:
-    sd = values.std(ddof=1) if values.size > 1 else 0.0
-    ax.axhspan(values.mean() - sd, values.mean() + sd, color="0.88", zorder=0)
-    ax.axhline(values.mean(), color="0.4", ls="--", lw=1, label=label)
-
-
 class Placement(Chapter):
     """Chapter 2: where to put the MoE layers, in a ViT and a ConvNeXt (see the module's docstring)."""
 
@@ -230,7 +231,7 @@ class Placement(Chapter):
         """Block diagram: which blocks are MoE (filled) in each placement, for each architecture."""
         style()
         info = self.placement_layers(preset)
-        fig, axes = plt.subplots(len(info), 1, figsize=(7.2, 1.0 + 1.45 * len(info)))
+        fig, axes = plt.subplots(len(info), 1, figsize=(7.2, 1.0 + 1.9 * len(info)))
         for ax, (arch, d) in zip(np.atleast_1d(axes), info.items()):
             depth = d["depth"]
             for row, (tag, layers) in enumerate(d["layers"].items()):
@@ -240,43 +241,42 @@ class Placement(Chapter):
                     ax.add_patch(Rectangle((b + 0.08, y + 0.12), 0.84, 0.76, facecolor=_color(0) if moe else "white",
                                            edgecolor="0.3", lw=1))
                     if moe:
-                        ax.text(b + 0.5, y + 0.5, "MoE", ha="center", va="center", color="white", fontsize=7)
-                ax.text(-0.2, y + 0.5, LABELS[tag], ha="right", va="center", fontsize=9)
+                        ax.text(b + 0.5, y + 0.5, "MoE", ha="center", va="center", color="white", fontsize=10)
+                ax.text(-0.2, y + 0.5, LABELS[tag], ha="right", va="center", fontsize=10)
             if d["stages"]:
                 start = 0
                 for i, n in enumerate(d["stages"]):
                     if i:
                         ax.axvline(start, color="0.5", ls="--", lw=1)
-                    ax.text(start + n / 2, len(d["layers"]) + 0.15, f"stage {i}", ha="center", va="bottom", fontsize=8)
+                    ax.text(start + n / 2, len(d["layers"]) + 0.15, f"stage {i}", ha="center", va="bottom", fontsize=10)
                     start += n
             ax.set_xlim(-2.2, depth + 0.1)
-            ax.set_ylim(-0.1, len(d["layers"]) + 0.7)
-            ax.set_xticks(np.arange(depth) + 0.5, [str(b) for b in range(depth)], fontsize=8)
+            ax.set_ylim(-0.1, len(d["layers"]) + 0.9)
+            ax.grid(False)
+            ax.set_xticks(np.arange(depth) + 0.5, [str(b) for b in range(depth)])
             ax.set_yticks([])
             for side in ("left", "right", "top"):
                 ax.spines[side].set_visible(False)
             ax.set_xlabel(f"block (0-based) of {d['model']}, {depth} blocks")
-            ax.set_title(f"{ARCH_LABELS[arch]}: MoE blocks per placement (filled)", fontsize=10)
+            ax.set_title(f"{ARCH_LABELS[arch]}: MoE blocks per placement (filled)")
         fig.tight_layout()
         return fig
 
     def placement_table(self, results: ChapterResults) -> pd.DataFrame:
-        """Per run: MoE blocks, parameters (total, activated), FLOPs, minutes per epoch, the positive control
-        (accuracy with the MoE layers bypassed) and test accuracy (mean ± std over seeds)."""
+        """Per run: placement, MoE blocks, parameters (total, activated), FLOPs, minutes per epoch and test accuracy
+        (mean ± std over seeds); its positive control is in :meth:`control_table`."""
         table = summary_table(results.results)
         rows = {}
         for name, runs in results.by_name().items():
             first, t = runs[0], table.loc[name]
             moe = (first.config.model_kwargs or {}).get("moe_layers")
             rows[name] = {
-                "placement": LABELS.get(name.rsplit("_", 1)[-1], name), "model": first.config.model.removeprefix("vmoe_"),
+                "placement": LABELS.get(name.rsplit("_", 1)[-1], name),
                 "MoE blocks": str(_moe_blocks(first.config)) if moe else "—",
                 "params (k)": round(t["params_total"] / 1e3, 1),
                 "activated params (k)": round(t["params_activated"] / 1e3, 1),
                 "MFLOPs / image": round(t["flops_per_image"] / 1e6, 2),
                 "min / epoch": round(float(np.mean([_epoch_minutes(r) for r in runs])), 2),
-                "MoE bypassed (%)": (mean_sd_text([r.record["moe_bypass"]["accuracy"] for r in runs])
-                                     if all(r.record.get("moe_bypass") for r in runs) else "—"),
                 "test acc. (%)": mean_sd_text([r.final["test_accuracy"] for r in runs]),
                 "seeds": len(runs),
             }
@@ -306,14 +306,9 @@ class Placement(Chapter):
         out: list[Claim] = []
         runs = [f"{arch}_{tag}" for arch in ARCHITECTURES for tag in PLACEMENTS] + [f"{SMALL}_last2"]
         for run_name in runs:
-            out.append(Claim(
-                id=f"experts_carry_weight_{run_name}",
-                claim=f"Bypassing every MoE layer of {run_name} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
-                source="positive control: the weight the experts carry", contrast=f"{run_name} vs {run_name} with MoE bypassed",
-                test="mcnemar", min_effect=CONTROL_MIN_EFFECT,
-                min_effect_why="placement effects are 0.3-1 point; experts that carry less than 1 point cannot show them",
-                family=CONTROL_FAMILY, paired=True, measure=Bypassed(run_name),
-            ))
+            out.append(control_claim(
+                run_name, family=CONTROL_FAMILY, min_effect=CONTROL_MIN_EFFECT,
+                min_effect_why="placement effects are 0.3-1 point; experts that carry less than 1 point cannot show them"))
         for arch in ARCHITECTURES:
             for tag in PLACEMENTS:
                 if tag == "last2":
@@ -325,32 +320,37 @@ class Placement(Chapter):
                     contrast=f"{arch}_last2 vs {arch}_{tag}", test="noninferiority", min_effect=MARGIN,
                     min_effect_why=_MARGIN_WHY, family=ROBUST_FAMILY, paired=True,
                     control=f"experts_carry_weight_{arch}_last2", measure=SeedPaired(f"{arch}_last2", f"{arch}_{tag}"),
+                    paper=_TAB3.get((arch, tag)) or PaperNumber(
+                        "sweet_spot", None, f"Tab. 3 has no {LABELS[tag]} row for {_TAB3_MODEL[arch]}"),
                 ))
         out.append(Claim(
             id="every2_beats_last2_vit", claim=f"ViT: Every-2 is more accurate than Last-2 (by at least {SLIGHT:g} point)",
             source=_SWEET + ": 'Every-2 is slightly better for ViT'", contrast="vit_every2 vs vit_last2", test="paired_t",
             min_effect=SLIGHT, min_effect_why="'slightly better': the low end (0.3 point) of the papers' effects",
             family=EVERY2_FAMILY, paired=True, control="experts_carry_weight_vit_last2",
-            measure=SeedPaired("vit_every2", "vit_last2"),
+            measure=SeedPaired("vit_every2", "vit_last2"), paper=_EVERY2_OVER_LAST2,
         ))
         out.append(Claim(
             id="every2_equivalent_last2_vit", claim=f"ViT: Every-2 and Last-2 are equivalent within ±{MARGIN:g} point",
             source=_SWEET + ": 'slightly' better is also consistent with equivalence at a small margin",
             contrast="vit_every2 vs vit_last2", test="tost", min_effect=MARGIN, min_effect_why=_MARGIN_WHY,
             family=EVERY2_FAMILY, paired=True, control="experts_carry_weight_vit_last2",
-            measure=SeedPaired("vit_every2", "vit_last2"),
+            measure=SeedPaired("vit_every2", "vit_last2"), paper=_EVERY2_OVER_LAST2,
         ))
         sizes = [(f"{SMALL}_last2", f"{SMALL}_dense", "smaller ViT (chapter 0's depth 4), Last-2 = Every-2",
-                  f"experts_carry_weight_{SMALL}_last2"),
-                 ("vit_last2", "vit_dense", "larger ViT (depth 6), Last-2", "experts_carry_weight_vit_last2"),
-                 ("vit_every2", "vit_dense", "larger ViT (depth 6), Every-2", "experts_carry_weight_vit_every2")]
-        for moe, dense, what, control in sizes:
+                  f"experts_carry_weight_{SMALL}_last2", "last-2"),
+                 ("vit_last2", "vit_dense", "larger ViT (depth 6), Last-2", "experts_carry_weight_vit_last2", "last-2"),
+                 ("vit_every2", "vit_dense", "larger ViT (depth 6), Every-2", "experts_carry_weight_vit_every2", "every-2")]
+        small = dict(self.borrowed(preset))
+        for moe, dense, what, control, placement in sizes:
             out.append(Claim(
                 id=f"moe_effective_{moe}", claim=f"{what}: the MoE model beats the dense ViT of equal activated FLOPs",
                 source=_SWEET + ": MoE helps tiny and small models; both placements remain effective as size grows",
                 contrast=f"{moe} vs {dense}", test="paired_t", min_effect=GAIN_MIN_EFFECT,
                 min_effect_why="the sweet-spot study's +0.5 to +1 point for tiny models; the low end",
                 family=SIZE_FAMILY, paired=True, control=control, measure=SeedPaired(moe, dense),
+            paper=SWEET_SPOT_GAIN[("vit", placement)],
+            same_as=(f"dense_baselines:moe_vs_dense_{small[moe].removeprefix('moe_')}" if moe in small else None),
             ))
         return out
 
@@ -379,21 +379,12 @@ class Placement(Chapter):
         fig, axes = plt.subplots(len(ARCHITECTURES), 1, figsize=(7.2, 8.0))
         for ax, arch in zip(axes, ARCHITECTURES):
             dense = np.array(results.values(f"{arch}_dense")) * 100
-            if dense.size:
-                _band(ax, dense, f"dense, same activated FLOPs ({dense.mean():.2f}%, band ± 1 sd)")
             tags = [t for t in PLACEMENTS if f"{arch}_{t}" in groups]
-            for i, tag in enumerate(tags):
-                ys = np.array(results.values(f"{arch}_{tag}")) * 100
-                jitter = np.linspace(-0.08, 0.08, ys.size) if ys.size > 1 else np.zeros(1)
-                ax.scatter(i + jitter, ys, color=_color(i), alpha=0.6, s=24)
-                ax.errorbar(i + 0.25, ys.mean(), yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="D", color=_color(i),
-                            capsize=4)
-            ax.set_xticks(range(len(tags)), [LABELS[t] for t in tags])
-            ax.set_ylabel("test accuracy (%)")
+            strip_with_means(ax, {LABELS[t]: np.array(results.values(f"{arch}_{t}")) * 100 for t in tags},
+                             band=dense if dense.size else None,
+                             band_label=f"dense, same activated FLOPs ({dense.mean():.2f}%, band ± 1 sd)" if dense.size else "")
             seeds = len(groups[f"{arch}_{tags[0]}"]) if tags else 0
             ax.set_title(f"{ARCH_LABELS[arch]} ({seeds} seeds; points: seeds, diamond: mean ± sd)")
-            if dense.size:
-                ax.legend(loc="lower right", fontsize=9)
         fig.tight_layout()
         return fig
 
@@ -402,7 +393,7 @@ class Placement(Chapter):
         for every placement of both architectures and the smaller ViT."""
         style()
         table = summary_table(results.results)
-        fig, ax = plt.subplots(figsize=(7.2, 4.6))
+        fig, ax = plt.subplots(figsize=(7.2, 5.4))
         markers = {"vit": "o", "convnext": "s", SMALL: "^"}
         series = [(arch, f"{arch}_dense", [f"{arch}_{t}" for t in PLACEMENTS]) for arch in ARCHITECTURES]
         series.append((SMALL, f"{SMALL}_dense", [f"{SMALL}_last2"]))
@@ -420,9 +411,7 @@ class Placement(Chapter):
                             color=color, capsize=3, ms=7, mfc=color if arch != SMALL else "white")
         ax.axhline(0, color="0.4", lw=1, ls="--")
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+        plain_log_axis(ax.xaxis)
         ax.set_xlabel("activated parameters per token (thousands, log scale)")
         ax.set_ylabel("gain over dense (points)")
         ax.set_title("MoE gain over the dense model of equal activated FLOPs (paired by seed)")
@@ -432,7 +421,7 @@ class Placement(Chapter):
                            label={"vit": "ViT depth 6", "convnext": "ConvNeXt", SMALL: "ViT depth 4"}[k] if self.preset_of(results) != "gpu"
                            else {"vit": "ViT (larger)", "convnext": "ConvNeXt", SMALL: "ViT (smaller)"}[k])
                     for k, m in markers.items()]
-        ax.legend(handles=handles, ncol=4, fontsize=8, loc="best")
+        ax.legend(handles=handles, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.17))
         fig.tight_layout()
         return fig
 
@@ -463,14 +452,14 @@ class Placement(Chapter):
             E = TEST_BED_MOE["num_experts"]
             axes[2, col].axhline(np.log(E), color="0.5", ls="--", lw=1)
             for row, (_, title) in enumerate(panels):
-                axes[row, col].set_title(f"{ARCH_LABELS[arch]}: {title}", fontsize=9)
+                axes[row, col].set_title(f"{ARCH_LABELS[arch]}:\n{title}", fontsize=10)
                 axes[row, col].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
             axes[-1, col].set_xlabel("block")
         axes[0, 0].set_ylabel("dropped (%)")
         axes[1, 0].set_ylabel("CV of expert loads")
         axes[2, 0].set_ylabel(f"nats (dashed: log {TEST_BED_MOE['num_experts']})")
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", ncol=5, fontsize=9, bbox_to_anchor=(0.5, 1.0))
+        fig.legend(handles, labels, loc="upper center", ncol=5, bbox_to_anchor=(0.5, 1.0))
         fig.tight_layout(rect=(0, 0, 1, 0.965))
         return fig
 

@@ -41,17 +41,18 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..analysis import load_cv, mean_sd_text, routing_of, summary_table
+from ..analysis import mean_sd_text, routing_of, summary_table
 from ..data import BatchLoader, ImageDataset
 from ..layers.stats import moe_layers
 from ..models.moe_utils import set_routing
-from ..plots import _color, style
+from ..plots import _color, strip_with_means, style
 from ..predictions import unpack_bits
 from ..stats import Claim, TestResult, mcnemar, paired_t
 from ..train import TrainConfig
-from .base import Bypassed, Chapter, ChapterResults, Measure, Preset, Run, SeedPaired
+from ..papers import PaperNumber
+from .base import Chapter, ChapterResults, Measure, Preset, Run, SeedPaired, control_claim
 from .probes import recorded_eval, routing_record
-from .recipes import SMOKE_DATA, TEST_BED, preset_recipe
+from .recipes import SMOKE_DATA, SWEET_SPOT_GAIN, TEST_BED, preset_recipe
 
 __all__ = [
     "NAME", "PRESETS", "ROUTER_RUNS", "RoutingProbe", "RoutersBPR", "NoDropVsDense", "CapacityPoints", "chapter",
@@ -397,14 +398,18 @@ class RoutersBPR(Chapter):
         out = [
             Claim(id=f"ec_vs_tc_{aff}", claim=f"Expert choice beats token choice ({label} affinities, equal pairs)",
                   source=routers, contrast=f"{aff}_ec vs {aff}_tc", test="paired_t", min_effect=ROUTER_MIN_EFFECT,
-                  min_effect_why=_ROUTER_WHY, family=FAMILY, paired=True, measure=SeedPaired(f"{aff}_ec", f"{aff}_tc"))
+                  min_effect_why=_ROUTER_WHY, family=FAMILY, paired=True, measure=SeedPaired(f"{aff}_ec", f"{aff}_tc"),
+              paper=PaperNumber("routers", None, "Sec. 4 (ViT MoEs with 32 experts, JFT and ImageNet): expert choice "
+                                                 "above token choice; no per-router accuracy table could be read"))
             for aff, label in (("softmax", "softmax"), ("sinkhorn", "Sinkhorn"))
         ]
         out += [
             Claim(id=f"soft_vs_{name}", claim=f"Soft MoE beats {name} at fixed compute",
                   source=routers + "; Soft MoE (Puigcerver et al., arXiv:2308.00951)", contrast=f"soft vs {name}",
                   test="paired_t", min_effect=ROUTER_MIN_EFFECT, min_effect_why=_ROUTER_WHY, family=FAMILY, paired=True,
-                  measure=SeedPaired("soft", name))
+                  measure=SeedPaired("soft", name),
+                  paper=PaperNumber("routers", None, "Sec. 4: Soft MoE above every sparse router at fixed compute; no "
+                                                     "per-router accuracy table could be read"))
             for name in ROUTER_RUNS if name != "soft"
         ]
         out.append(Claim(
@@ -414,16 +419,13 @@ class RoutersBPR(Chapter):
             test="paired_t", min_effect=ROUTER_MIN_EFFECT,
             min_effect_why="tiny MoE ViTs gain +0.5 to +1 point over dense ones (arXiv:2411.18322); the low end",
             family=FAMILY, paired=True, measure=NoDropVsDense("softmax_tc", DENSE_RUN),
+            paper=SWEET_SPOT_GAIN[(TEST_BED.family, TEST_BED.placement)], same_as=f"dense_baselines:moe_vs_dense_{TEST_BED.name}",
         ))
         for run_name, k in (("softmax_tc", 1), (K2_RUN, 2)):
             control = f"experts_carry_weight_k{k}"
-            out.append(Claim(
-                id=control, claim=f"Bypassing the MoE layers of {run_name} at inference costs at least {CONTROL_MIN_EFFECT:g} point",
-                source="positive control: the weight the experts carry", contrast=f"{run_name} vs {run_name} with MoE bypassed",
-                test="mcnemar", min_effect=CONTROL_MIN_EFFECT,
-                min_effect_why="dropping tokens cannot cost more than removing every expert; below 1 point no collapse is visible",
-                family=f"{FAMILY}:controls", paired=True, measure=Bypassed(run_name),
-            ))
+            out.append(control_claim(
+                run_name, claim_id=control, family=f"{FAMILY}:controls", min_effect=CONTROL_MIN_EFFECT,
+                min_effect_why="dropping tokens cannot cost more than removing every expert; below 1 point no collapse is visible"))
             out.append(Claim(
                 id=f"bpr_vs_vanilla_k{k}",
                 claim=f"With capacity cut to {LOW_CAPACITY:g} at inference, BPR is more accurate than vanilla routing ({run_name}, k={k})",
@@ -432,6 +434,8 @@ class RoutersBPR(Chapter):
                 min_effect_why="V-MoE's BPR figure shows gaps of several points at low capacity; 1 point is a conservative floor",
                 family=FAMILY, paired=True, control=control,
                 measure=CapacityPoints(run_name, k, (True, LOW_CAPACITY), (False, LOW_CAPACITY)),
+                paper=PaperNumber("vmoe", None, "Sec. 4.1 and its BPR figure (V-MoE on JFT/ImageNet): BPR keeps accuracy as "
+                                                "capacity falls below 1, vanilla routing does not; read from a figure"),
             ))
             out.append(Claim(
                 id=f"vanilla_collapse_k{k}",
@@ -443,35 +447,29 @@ class RoutersBPR(Chapter):
                                 "2 points is the floor we read as a collapse"),
                 family=FAMILY, paired=True, control=control,
                 measure=CapacityPoints(run_name, k, (False, None), (False, LOW_CAPACITY)),
+                paper=PaperNumber("vmoe", None, "Sec. 4.1 and its BPR figure: vanilla routing loses several points below "
+                                                "capacity 1; read from a figure"),
             ))
         return out
 
     # -- tables ------------------------------------------------------------
     def router_table(self, results: ChapterResults) -> pd.DataFrame:
-        """Per run: router, token-expert pairs, size, FLOPs, speed, routing statistics and accuracy."""
+        """Per run: how it routes, its token-expert pairs per image, size, FLOPs, training time and test accuracy
+        (the routing statistics per layer are in :meth:`routing_table`)."""
         table = summary_table(results.results)
-        groups = results.by_name()
         rows = {}
-        for name, runs in groups.items():
-            first = runs[0]
-            tokens = _tokens_per_image(first)
-            how, pairs = _describe(first.config, tokens)
-            row: dict[str, Any] = {"router": first.config.model_kwargs.get("router", "—"), "routing": how,
-                                   "pairs / image": round(pairs, 1) if pairs is not None else None}
-            t = table.loc[name]
-            row["params (k)"] = round(t["params_total"] / 1e3, 1)
-            row["activated params (k)"] = round(t["params_activated"] / 1e3, 1)
-            row["MFLOPs / image"] = round(t["flops_per_image"] / 1e6, 2)
-            row["train img/s"] = round(t["images_per_s"])
-            row["train min / run"] = round(np.mean([_train_seconds(r) for r in runs]) / 60, 2)
-            stats = [routing_of(r) for r in runs]
-            if stats[0]:
-                row["dropped tokens (%)"] = mean_sd_text([np.mean([s["dropped_fraction"] for s in st.values()]) for st in stats], digits=1)
-                row["load CV"] = mean_sd_text([np.mean([load_cv(s["expert_load"]) for s in st.values()]) for st in stats], unit=1.0)
-                row["experts / token"] = mean_sd_text([np.mean([s["mean_experts_per_token"] for s in st.values()]) for st in stats], unit=1.0)
-            row["test acc. (%)"] = mean_sd_text([r.final["test_accuracy"] for r in runs])
-            row["seeds"] = len(runs)
-            rows[name] = row
+        for name, runs in results.by_name().items():
+            first, t = runs[0], table.loc[name]
+            how, pairs = _describe(first.config, _tokens_per_image(first))
+            rows[name] = {
+                "routing": how, "pairs / image": round(pairs, 1) if pairs is not None else None,
+                "params (k)": round(t["params_total"] / 1e3, 1),
+                "activated params (k)": round(t["params_activated"] / 1e3, 1),
+                "MFLOPs / image": round(t["flops_per_image"] / 1e6, 2),
+                "train min / run": round(np.mean([_train_seconds(r) for r in runs]) / 60, 2),
+                "test acc. (%)": mean_sd_text([r.final["test_accuracy"] for r in runs]),
+                "seeds": len(runs),
+            }
         return pd.DataFrame.from_dict(rows, orient="index")
 
     def sweep_frame(self, results: ChapterResults) -> pd.DataFrame:
@@ -486,41 +484,36 @@ class RoutersBPR(Chapter):
         return pd.DataFrame(rows)
 
     def capacity_table(self, results: ChapterResults) -> pd.DataFrame:
-        """Test accuracy (%, mean ± std over seeds) per (model, eval k, priority) and inference capacity factor."""
+        """Test accuracy (%, mean ± std over seeds) per inference capacity factor (rows) and model, evaluated ``k`` and
+        priority (columns)."""
         df = self.sweep_frame(results)
         if df.empty:
             return df
-        cell = df.groupby(["run", "eval k", "priority", "capacity factor"])["accuracy"].apply(lambda v: mean_sd_text(list(v), digits=1))
-        return cell.unstack("capacity factor")
+        cell = df.groupby(["run", "eval k", "priority", "capacity factor"])["accuracy"].apply(
+            lambda v: mean_sd_text(list(v), digits=1))
+        out = cell.unstack(["run", "eval k", "priority"])
+        out.columns = [f"{run}, eval k={k}, {priority}" for run, k, priority in out.columns]
+        return out.rename_axis("capacity factor")
 
     # -- figures ------------------------------------------------------------
     def plot_router_accuracy(self, results: ChapterResults):
-        """Test accuracy per router (points: seeds; diamond: mean ± std), dense baseline as a band."""
+        """Test accuracy per router (points: seeds; diamond: mean ± sd; seaborn), the dense ViT as a band."""
         style()
         groups = results.by_name()
         names = [n for n in (*ROUTER_RUNS, K2_RUN) if n in groups]
-        fig, ax = plt.subplots(figsize=(7.2, 4))
-        if DENSE_RUN in groups:
-            d = np.array(results.values(DENSE_RUN)) * 100
-            ax.axhspan(d.mean() - (d.std(ddof=1) if d.size > 1 else 0), d.mean() + (d.std(ddof=1) if d.size > 1 else 0),
-                       color="0.85", zorder=0)
-            ax.axhline(d.mean(), color="0.4", ls="--", lw=1, label=f"dense ViT, same activated FLOPs ({d.mean():.2f}%)")
-        for i, name in enumerate(names):
-            ys = np.array(results.values(name)) * 100
-            jitter = np.linspace(-0.08, 0.08, ys.size) if ys.size > 1 else np.zeros(1)
-            ax.scatter(i + jitter, ys, color=_color(i), alpha=0.6, s=22)
-            ax.errorbar(i + 0.24, ys.mean(), yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="D", color=_color(i), capsize=4)
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-        ax.set_ylabel("test accuracy (%)")
+        fig, ax = plt.subplots(figsize=(7.2, 4.4))
+        dense = np.array(results.values(DENSE_RUN)) * 100
+        strip_with_means(ax, {n: np.array(results.values(n)) * 100 for n in names}, band=dense if dense.size else None,
+                         band_label=f"dense ViT, same activated FLOPs ({dense.mean():.2f}%)" if dense.size else "",
+                         rotate=True)
         ax.set_title("Routers at equal token-expert pairs (k=2 model: twice the pairs)")
-        ax.legend(loc="lower right")
         fig.tight_layout()
         return fig
 
     def plot_accuracy_vs_time(self, results: ChapterResults):
         """Test accuracy against measured training time on this machine (each point a seed)."""
         style()
-        fig, ax = plt.subplots(figsize=(7.2, 4.2))
+        fig, ax = plt.subplots(figsize=(7.2, 5.0))
         for i, (name, runs) in enumerate(results.by_name().items()):
             xs = np.array([_train_seconds(r) / 60 for r in runs])
             ys = np.array([r.final["test_accuracy"] for r in runs]) * 100
@@ -528,10 +521,10 @@ class RoutersBPR(Chapter):
             ax.errorbar(xs.mean(), ys.mean(), xerr=xs.std(ddof=1) if xs.size > 1 else None,
                         yerr=ys.std(ddof=1) if ys.size > 1 else None, fmt="o", color=_color(i), capsize=3, label=name)
         device = results.results[0].record.get("device", "")
-        ax.set_xlabel(f"training time (min, {device}; sum of epoch times, each with its val/test evaluation)")
+        ax.set_xlabel(f"training time (min, {device}; epochs with their evaluations)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("Accuracy vs training time: the cost of each allocation algorithm")
-        ax.legend(fontsize=8, ncol=2)
+        ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
         fig.tight_layout()
         return fig
 
@@ -573,7 +566,7 @@ class RoutersBPR(Chapter):
         axes[2].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         # One legend for the three panels (the same colour is the same router in each), above them.
         handles, labels = axes[1].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 1.0), fontsize=9)
+        fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 1.0))
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight() * (1 + (len(names) - 1) // 4)))
         return fig
 
@@ -640,10 +633,10 @@ class RoutersBPR(Chapter):
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if col == 0:
-                    ax.set_ylabel(f"{'BPR' if m['batch_priority'] else 'vanilla'}\ncf {m['capacity_factor']:g}", fontsize=9)
+                    ax.set_ylabel(f"{'BPR' if m['batch_priority'] else 'vanilla'}\ncf {m['capacity_factor']:g}", fontsize=10)
                 if row == 0:
-                    ax.set_title(info["class_names"][info["labels"][col]], fontsize=8)
-        fig.suptitle(f"Patches dropped in MoE layer {layer_name} ({run_name}, seed {r.seed}; red: no expert)", fontsize=10)
+                    ax.set_title(info["class_names"][info["labels"][col]], fontsize=10)
+        fig.suptitle(f"Patches dropped in MoE layer {layer_name} ({run_name}, seed {r.seed}; red: no expert)", fontsize=11)
         fig.tight_layout()
         return fig
 
