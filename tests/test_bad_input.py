@@ -50,11 +50,12 @@ def test_train_config_rejects_non_finite_floats_and_non_bool_flags(field, value,
 
 @pytest.mark.parametrize("dataset, padding, size", [("fashion_mnist", 28, 28), ("fashion_mnist", 100, 28), ("cifar10", 32, 32)])
 def test_crop_padding_larger_than_the_image_is_rejected(dataset, padding, size):
+    model = "vit_pico_patch7_28" if size == 28 else "vit_nano_patch4_32"  # a model that takes the dataset's images
     with pytest.raises(ConfigError) as err:
-        TrainConfig(dataset=dataset, crop_padding=padding)
+        TrainConfig(model=model, dataset=dataset, crop_padding=padding)
     assert f"crop_padding={padding}" in str(err.value) and f"{size}x{size} images" in str(err.value)
     assert f"from 0 to {size - 1}" in str(err.value)
-    TrainConfig(dataset=dataset, crop_padding=4)  # a few pixels is fine
+    TrainConfig(model=model, dataset=dataset, crop_padding=4)  # a few pixels is fine
 
 
 @pytest.mark.parametrize("model, kwargs, bad", [

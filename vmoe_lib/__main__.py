@@ -31,6 +31,14 @@ def _slurm_options(args: argparse.Namespace) -> dict:
     return out
 
 
+# The options of the slurm executor: flag -> (argparse destination, its default, which means "not given").
+_SLURM_FLAGS = {
+    "--partition": ("partition", None), "--time": ("time", None), "--gpus-per-job": ("gpus_per_job", None),
+    "--cpus-per-job": ("cpus_per_job", None), "--slurm-option": ("slurm_option", None),
+    "--slurm-folder": ("slurm_folder", None), "--slurm-cluster": ("slurm_cluster", "slurm"), "--no-wait": ("no_wait", False),
+}
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     from .chapters import CHAPTERS
 
@@ -80,13 +88,18 @@ def _scoreboard(args: argparse.Namespace) -> int:
     from .book import findings, readme_with_scoreboard, scoreboard, scoreboard_markdown
     from .results import _repo_root
 
+    from .errors import ConfigError
+
     rows = scoreboard(args.preset)
     if not (args.write_readme or args.check_readme):
         print(scoreboard_markdown(rows))
         return 0
     readme = (_repo_root() or Path.cwd()) / "README.md"
     text = readme.read_text(encoding="utf-8")
-    updated = readme_with_scoreboard(text, rows)
+    try:
+        updated = readme_with_scoreboard(text, rows)
+    except ValueError as err:
+        raise ConfigError(f"{readme}: {err}") from None
     if args.check_readme:
         if updated != text:
             print(f"{readme}: the scoreboard section is out of date; run: python -m vmoe_lib scoreboard --write-readme",
@@ -114,7 +127,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.executor not in ("local", "torchrun"):
             raise ConfigError(f"--distributed {args.distributed} is invalid with --executor {args.executor}: it runs "
                               "each run on several processes through torchrun; drop one of the two")
-        args.executor, args.workers = "torchrun", args.distributed
+        text = str(args.distributed).strip()
+        if text != "auto" and not (text.isdigit() and int(text) >= 1):
+            raise ConfigError(f"--distributed {args.distributed} is invalid; it must be an int >= 1 (data-parallel "
+                              "processes per run) or 'auto' (every GPU here)")
+        args.executor, args.workers = "torchrun", text
+    given = [flag for flag, (dest, default) in _SLURM_FLAGS.items() if getattr(args, dest) != default]
+    if given and args.executor != "slurm":
+        raise ConfigError(f"{', '.join(given)}: options of the slurm executor, which do nothing with --executor "
+                          f"{args.executor}; add --executor slurm, or leave them out")
     slurm = _slurm_options(args) if args.executor == "slurm" else None
     try:
         results = chapter.run(args.preset, seeds=args.seeds, device=args.device, overrides=overrides,
@@ -155,7 +176,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import ConfigError
+    """Run the command line; every error of the library ends as one ``error:`` line: exit 2 for a setting or an
+    input that cannot work (nothing ran), 1 for runs that failed."""
+    from .errors import ConfigError, DataUnavailableError
+    from .results import MissingResultError
+    from .sweep import SweepError
 
     args = _parse(argv)
     try:
@@ -171,9 +196,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "scoreboard":
             return _scoreboard(args)
         return _run(args)
-    except ConfigError as err:  # a bad setting: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, MissingResultError, DataUnavailableError) as err:  # nothing could run: one line, no traceback
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except (SweepError, RuntimeError) as err:  # runs that failed (each named, with its log)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: Exception) -> str:
+    """An error's message on one line (a multi-line message, e.g. the missing results listed, joined)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ from .errors import ConfigError, DataUnavailableError, check_choice
 
 __all__ = [
     "DATASETS",
+    "DATASET_FACTS",
+    "DatasetFacts",
+    "imagefolder_root",
+    "check_available",
     "ImageDataset",
     "load_dataset",
     "BatchLoader",
@@ -47,6 +51,33 @@ __all__ = [
 ]
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a config can be checked against before any data is read: images in the training split (the validation
+    images are held out of it), in the test split, classes, the native side (pixels) and channels."""
+
+    train: int
+    test: int
+    classes: int
+    size: int
+    channels: int
+
+
+#: The facts of the datasets of known size (an image folder's are only known once it is read).
+DATASET_FACTS: dict[str, DatasetFacts] = {
+    "fashion_mnist": DatasetFacts(train=60000, test=10000, classes=10, size=28, channels=1),
+    "cifar10": DatasetFacts(train=50000, test=10000, classes=10, size=32, channels=3),
+    "cifar100": DatasetFacts(train=50000, test=10000, classes=100, size=32, channels=3),
+}
+
+
+def imagefolder_root() -> Path | None:
+    """The image folder a ``dataset="imagefolder"`` config trains on: ``$VMOE_IMAGEFOLDER_ROOT`` (a folder with
+    ``train/`` and ``val/`` of class subfolders), or ``None`` when unset."""
+    value = os.environ.get("VMOE_IMAGEFOLDER_ROOT")
+    return Path(value) if value else None
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -138,14 +169,18 @@ def _fashion_mnist_from_folder(folder: Path) -> dict[str, tuple[np.ndarray, np.n
     return out
 
 
-def _cifar_from_pickles(folder: Path, name: str) -> dict[str, tuple[np.ndarray, ...]] | None:
-    """The original CIFAR python release: ``data`` rows of 3072 bytes (R, G, B planes)."""
+def _cifar_files(folder: Path, name: str) -> dict[str, list[Path]]:
+    """The files of the original CIFAR python release under ``folder``: ``{"train": [...], "test": [...]}``."""
     if name == "cifar10":
         base = folder / "cifar-10-batches-py" if (folder / "cifar-10-batches-py").is_dir() else folder
-        parts = {"train": [base / f"data_batch_{i}" for i in range(1, 6)], "test": [base / "test_batch"]}
-    else:
-        base = folder / "cifar-100-python" if (folder / "cifar-100-python").is_dir() else folder
-        parts = {"train": [base / "train"], "test": [base / "test"]}
+        return {"train": [base / f"data_batch_{i}" for i in range(1, 6)], "test": [base / "test_batch"]}
+    base = folder / "cifar-100-python" if (folder / "cifar-100-python").is_dir() else folder
+    return {"train": [base / "train"], "test": [base / "test"]}
+
+
+def _cifar_from_pickles(folder: Path, name: str) -> dict[str, tuple[np.ndarray, ...]] | None:
+    """The original CIFAR python release: ``data`` rows of 3072 bytes (R, G, B planes)."""
+    parts = _cifar_files(folder, name)
     if not all(p.is_file() for files in parts.values() for p in files):
         return None
     out = {}
@@ -274,8 +309,9 @@ def _candidate_folders(root: str | os.PathLike | None, name: str) -> list[Path]:
 def _load_raw(name: str, root, image_size: int | None):
     """Return ``(splits, class_names)`` where ``splits[s] = (images, labels[, coarse])``."""
     if name == "imagefolder":
+        root = root if root is not None else imagefolder_root()
         if root is None:
-            raise ConfigError("dataset='imagefolder' needs root=<folder with train/ and val/>")
+            raise ConfigError("dataset='imagefolder' needs root=<folder with train/ and val/> (or $VMOE_IMAGEFOLDER_ROOT)")
         return _imagefolder(Path(root), image_size or 64)
 
     if root is not None:
@@ -341,6 +377,42 @@ def fit_image_size(images: torch.Tensor, size: int) -> torch.Tensor:
         return F.pad(images, (left, size - w - left, top, size - h - top))
     resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def check_available(name: str) -> str:
+    """Where dataset ``name`` would be read from, found without reading it; raise before any run starts when it
+    cannot be had here (:class:`DataUnavailableError`, saying what was tried and how to get it; :class:`ConfigError`
+    for an image folder that is unset or lacks ``train/``)."""
+    check_choice("dataset", name, DATASETS)
+    if name == "imagefolder":
+        root = imagefolder_root()
+        if root is None:
+            raise ConfigError("dataset='imagefolder' needs $VMOE_IMAGEFOLDER_ROOT=<folder with train/ and val/ of class "
+                              "subfolders>; it is unset")
+        if not (root / "train").is_dir():
+            raise ConfigError(f"$VMOE_IMAGEFOLDER_ROOT={str(root)!r} has no train/ folder of class subfolders")
+        return str(root)
+    tried = []
+    for folder in _candidate_folders(None, name):
+        if not folder.is_dir():
+            tried.append(f"{folder} (no such folder)")
+            continue
+        found = (_find_idx(folder, "train-images-idx3-ubyte") is not None if name == "fashion_mnist"
+                 else all(p.is_file() for files in _cifar_files(folder, name).values() for p in files))
+        if found:
+            return str(folder)
+        tried.append(f"{folder} (no {name} files in a known format)")
+    import importlib.util
+
+    reason = ("the `datasets` package is not installed (pip install \"vmoe-lib[hf]\")"
+              if importlib.util.find_spec("datasets") is None else _hub_unreachable())
+    if reason is None:
+        return f"the Hugging Face hub ({_HUB_IDS[name]})"
+    hint = ("install Debian's package (apt-get install dataset-fashion-mnist), or set $VMOE_DATA_DIR to a folder with the "
+            "IDX files" if name == "fashion_mnist" else
+            "download the python version from https://www.cs.toronto.edu/~kriz/cifar.html into $VMOE_DATA_DIR")
+    raise DataUnavailableError(f"dataset={name!r} is not available here. Tried: " + "; ".join(tried) +
+                               f"; the Hugging Face hub: {reason}. To get it: {hint}.")
 
 
 def load_dataset(

@@ -35,7 +35,8 @@ from typing import Any
 from .errors import ConfigError
 from .records import (FORMAT_VERSION, _git_sha, _hardware, _repo_root, _versions, build_manifest, cache_root,  # noqa: F401
                       config_hash, read_valid_result, regenerate_command, results_root, validate_payload)
-from .sweep import RunTask, SweepError, check_storage, resolve_workers, run_tasks, summarize_failures
+from .data import check_available
+from .sweep import RunTask, SweepError, check_storage, discard_leftovers, resolve_workers, run_tasks, summarize_failures
 from .train import TrainConfig
 
 __all__ = [
@@ -152,9 +153,10 @@ def load_runs(
     """
     if not specs:
         raise ConfigError("runs is empty; a sweep needs at least one config")
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"run names must be unique in a sweep; repeated: {sorted({n for n in names if names.count(n) > 1})}")
+    pairs = [(s.name, seed) for s in specs for seed in s.seeds]
+    if len(set(pairs)) != len(pairs):
+        twice = sorted({p for p in pairs if pairs.count(p) > 1})
+        raise ConfigError(f"each (run, seed) may appear once in a sweep; repeated: {twice}")
     for spec in specs:
         if not spec.seeds:
             raise ConfigError(f"run {spec.name!r} has no seeds; pass at least one seed, e.g. seeds=[0]")
@@ -171,10 +173,10 @@ def load_runs(
                 todo.append((spec, seed, key, path))
     commands = sorted({regenerate or regenerate_command(spec.chapter, preset) for spec, *_ in todo})
     if todo and require:
-        missing = "\n  ".join(str(t[3]) for t in todo)
+        shown = [str(t[3]) for t in todo[:3]] + ([f"and {len(todo) - 3} more"] if len(todo) > 3 else [])
         raise MissingResultError(
-            f"{len(todo)} result(s) of preset {preset!r} are missing or stale:\n  {missing}\n"
-            f"Regenerate them with:  {'  and  '.join(commands)}"
+            f"{len(todo)} result(s) of preset {preset!r} are missing or stale ({', '.join(shown)}); "
+            f"regenerate them with: {' and '.join(commands)}"
         )
     if todo:
         # Checkpoints written at once: one per local worker (one per torchrun run), every run under SLURM.
@@ -184,6 +186,9 @@ def load_runs(
             n_concurrent = min(len(todo), resolve_workers(workers, device)[0])
         else:
             n_concurrent = len(todo)
+        if executor != "slurm":  # the runs train here: their data must be here (a cluster's jobs find their own)
+            for dataset in sorted({t[0].config.dataset for t in todo}):
+                check_available(dataset)
         for folder in sorted({t[3].parent for t in todo}):
             check_storage(folder, cache_root(), [t[0].config for t in todo], n_concurrent)
         git_sha = _git_sha()  # the code that trains, read before any run starts
@@ -194,6 +199,7 @@ def load_runs(
             for spec, seed, key, path in todo
         ]
         outcomes = run_tasks(tasks, executor=executor, workers=workers, device=device, progress=progress, slurm=slurm)
+        discard_leftovers(tasks, outcomes)
         for (spec, seed, _, _), task, outcome in zip(todo, tasks, outcomes):
             if not outcome.ok:
                 continue

@@ -64,6 +64,8 @@ __all__ = [
     "execute_task",
     "run_tasks",
     "write_atomic",
+    "summarize_failures",
+    "discard_leftovers",
 ]
 
 EXECUTORS = ("local", "inline", "slurm", "torchrun")
@@ -651,6 +653,34 @@ def summarize_failures(outcomes: Sequence[RunOutcome]) -> str | None:
     if not bad:
         return None
     lines = [f"  {o.name} seed {o.seed}: {o.status}: {o.error} (log: {o.log})" for o in bad]
-    return f"{len(bad)} of {len(outcomes)} run(s) failed; the others are stored:\n" + "\n".join(lines)
+    if len(bad) == len(outcomes):
+        head = f"all {len(bad)} run(s) failed; nothing was stored:"
+    else:
+        head = f"{len(bad)} of {len(outcomes)} run(s) failed; the other {len(outcomes) - len(bad)} are stored:"
+    return head + "\n" + "\n".join(lines)
+
+
+def discard_leftovers(tasks: Sequence[RunTask], outcomes: Sequence[RunOutcome]) -> None:
+    """After a sweep: for every run that stored nothing, its lock file (when no other sweep holds it) and the
+    results folders the sweep created and left empty; its log stays, the failure report names it."""
+    from filelock import FileLock, Timeout
+
+    folders = set()
+    for task, outcome in zip(tasks, outcomes):
+        if outcome.ok or outcome.status == "submitted" or task.path.exists():
+            continue
+        lock = FileLock(str(task.lock_path), timeout=0)
+        try:
+            with lock:
+                task.lock_path.unlink(missing_ok=True)
+        except (Timeout, OSError):
+            continue  # another sweep holds it (or it is gone): leave it
+        folders.add(task.path.parent)
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        for level in (folder, folder.parent):
+            try:
+                level.rmdir()  # only when empty
+            except OSError:
+                break
 
 

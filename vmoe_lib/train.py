@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm  # text bars: work in terminals, notebooks and papermill logs alike
 
 from .costs import model_costs
-from .data import DATASETS, BatchLoader, ImageDataset, load_dataset
+from .data import DATASET_FACTS, DATASETS, BatchLoader, ImageDataset, check_available, load_dataset
 from .distributed.data_parallel import (
     STRATEGIES,
     DistributedContext,
@@ -51,7 +51,7 @@ from .layers.aux import collect_aux_loss
 from .models import create_model, list_models
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train_model", "evaluate", "resolve_device", "load_data_for", "make_optimizer",
-           "optimizer_impl", "check_data_parallel"]
+           "optimizer_impl", "check_data_parallel", "check_device"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,31 +61,45 @@ _OPTIMIZERS = ("adamw", "adam", "sgd")
 _NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # imagefolder: whatever image_size says
 
 
-def _check_model_kwargs(model: str, model_kwargs: dict[str, Any]) -> None:
-    """Reject ``model_kwargs`` the model does not accept, when the config is made, not when the run starts.
+def _check_model_kwargs(model: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Reject ``model_kwargs`` the model does not accept, when the config is made, not when the run starts; return
+    what the built model says about itself (:func:`_build_on_meta`).
 
     The model is built once per (model, kwargs) on the meta device (no memory, no initialisation
     cost); a ``TypeError`` (an unexpected keyword) or a :class:`ConfigError` of the model's own
     checks names the bad argument.
     """
+    taken = sorted(set(model_kwargs) & {"num_classes", "in_chans"})
+    if taken:
+        raise ConfigError(f"model_kwargs={model_kwargs!r} set {taken}; the training engine sets the classes and input "
+                          f"channels from the dataset; leave them out")
     try:
         key = json.dumps([model, model_kwargs], sort_keys=True)
     except TypeError as err:
         raise ConfigError(f"model_kwargs={model_kwargs!r} is invalid; it must hold only JSON values ({err})") from None
-    _build_on_meta(key)
+    return _build_on_meta(key)
 
 
 @functools.lru_cache(maxsize=512)
-def _build_on_meta(key: str) -> int:
-    """Build ``[model, model_kwargs]`` (JSON) on the meta device; return its MoE routing group size (images)."""
+def _build_on_meta(key: str) -> dict[str, Any]:
+    """Build ``[model, model_kwargs]`` (JSON) on the meta device; return what the config checks read from it: its MoE
+    routing group size (images), the image side a ViT is fixed to (``None``: any) and the smallest side the model
+    can downsample (its total stride)."""
     model, model_kwargs = json.loads(key)
     try:
         with torch.device("meta"):
-            return _routing_group_size(create_model(model, **model_kwargs))
+            built = create_model(model, **model_kwargs)
     except ConfigError as err:
         raise ConfigError(f"model_kwargs={model_kwargs!r} are invalid for model={model!r}: {err}") from None
     except TypeError as err:
         raise ConfigError(f"model_kwargs={model_kwargs!r} are not accepted by model={model!r}: {err}") from None
+    embed = getattr(built, "patch_embed", None)
+    fixed = None
+    if embed is not None and getattr(embed, "strict_img_size", False) and not getattr(built, "dynamic_img_size", False):
+        fixed = int(embed.img_size[0])
+    info = getattr(built, "feature_info", None) or [{}]
+    return {"group_size": _routing_group_size(built), "fixed_size": fixed,
+            "min_size": int(info[-1].get("reduction", 1)) if fixed is None else None}
 
 
 @dataclass
@@ -158,7 +172,41 @@ class TrainConfig:
         if size is not None and self.crop_padding >= size:
             raise ConfigError(f"crop_padding={self.crop_padding} is invalid for {size}x{size} images; it must be an int "
                               f"from 0 to {size - 1} (a few pixels, e.g. 2 or 4)")
-        _check_model_kwargs(self.model, self.model_kwargs)
+        built = _check_model_kwargs(self.model, self.model_kwargs)
+        self._check_against_data(built)
+
+    def _check_against_data(self, built: dict[str, Any]) -> None:
+        """What no run of this config could train: more images per batch than the training split holds, a subset
+        larger than its split, an image size the model cannot take, an image folder that is not set."""
+        facts = DATASET_FACTS.get(self.dataset)
+        if self.dataset == "imagefolder":
+            check_available("imagefolder")
+        if facts is not None:
+            if self.val_size >= facts.train:
+                raise ConfigError(f"val_size={self.val_size} is invalid for dataset={self.dataset!r}: it holds out that "
+                                  f"many of the {facts.train} training images; use fewer (the default is 5000)")
+            available = facts.train - self.val_size
+            if self.train_subset is not None and self.train_subset > available:
+                raise ConfigError(f"train_subset={self.train_subset} is larger than the {available} training images of "
+                                  f"{self.dataset!r} ({facts.train} minus val_size={self.val_size}); use at most {available}")
+            images = self.train_subset or available
+            if self.batch_size > images:
+                where = f"train_subset={self.train_subset}" if self.train_subset else f"{self.dataset!r}"
+                raise ConfigError(f"batch_size={self.batch_size} is larger than the {images} training images of this "
+                                  f"config ({where}): no step could train; use a batch_size of at most {images}")
+            if self.eval_subset is not None and self.eval_subset > facts.test:
+                raise ConfigError(f"eval_subset={self.eval_subset} is larger than the {facts.test} test images of "
+                                  f"{self.dataset!r}; use at most {facts.test} (or None for all)")
+        size = self.image_size or (facts.size if facts is not None else None)
+        if size is not None and built["fixed_size"] is not None and size != built["fixed_size"]:
+            shown = f"image_size={self.image_size}" if self.image_size else f"the {size}x{size} images of {self.dataset!r}"
+            raise ConfigError(f"{shown} does not fit model={self.model!r}, which takes {built['fixed_size']}x"
+                              f"{built['fixed_size']} images; use image_size=None for the dataset's size, a model made "
+                              f"for {size} (e.g. model_kwargs={{'img_size': {size}}}), or image_size={built['fixed_size']}")
+        if size is not None and built["min_size"] and size < built["min_size"]:
+            shown = f"image_size={self.image_size}" if self.image_size else f"the {size}x{size} images of {self.dataset!r}"
+            raise ConfigError(f"{shown} is too small for model={self.model!r}, which downsamples by "
+                              f"{built['min_size']}; use image_size={built['min_size']} or more")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,9 +238,33 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ConfigError(f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} requested but this machine has {torch.cuda.device_count()} GPU(s); "
+                          f"use 'cuda' or 'cuda:0' to 'cuda:{torch.cuda.device_count() - 1}'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device!r} is not supported; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"device={device!r} requested but MPS is not available here; use 'auto' or 'cpu'")
     return dev
+
+
+def check_device(device: str, *, here: bool = True) -> str:
+    """Check a ``device`` setting before any run starts: a torch device name, and (``here``) one this machine has.
+
+    With ``here=False`` (runs that train on other machines, e.g. SLURM jobs) only the name is checked.
+    """
+    if device == "auto":
+        return device
+    if not isinstance(device, str):
+        raise ConfigError(f"device={device!r} is invalid; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if here:
+        resolve_device(device)
+        return device
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    return device
 
 
 _DATA_CACHE: dict[tuple, ImageDataset] = {}
@@ -585,7 +657,7 @@ def check_data_parallel(config: TrainConfig, world_size: int) -> None:
     :mod:`vmoe_lib.distributed`). The sweep engine calls this for every run before starting any.
     """
     if world_size > 1:
-        group = _build_on_meta(json.dumps([config.model, config.model_kwargs], sort_keys=True))
+        group = _build_on_meta(json.dumps([config.model, config.model_kwargs], sort_keys=True))["group_size"]
         DistributedContext(rank=0, world_size=world_size).check_batch("batch_size", config.batch_size, group)
 
 

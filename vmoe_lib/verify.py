@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, check_positive
+from .errors import ConfigError
 
 __all__ = ["Difference", "RunCheck", "compare_records", "new_fields", "verify_chapter"]
 
@@ -131,17 +131,31 @@ def verify_chapter(chapter: str, preset: str = "cpu", *, sample: int = 1, seed: 
     from .sweep import RunTask, run_tasks
     from .train import TrainConfig
 
-    check_positive("sample", sample)
+    if not isinstance(sample, int) or isinstance(sample, bool) or sample < 1:
+        raise ConfigError(f"sample={sample!r} is invalid; it must be an int >= 1 (how many recorded runs to rerun)")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed={seed!r} is invalid; it must be an int (it chooses which runs, reproducibly)")
     plan = get_chapter(chapter).plan(preset)
     own = {spec.stored_as or spec.name: spec for spec in plan.specs if spec.chapter == chapter}
     folder = results_root() / preset / chapter
+    if not folder.is_dir():
+        raise ConfigError(f"results folder {str(folder)!r} is missing or not a folder: chapter {chapter!r} has no "
+                          f"records of preset {preset!r} here; run it first (python -m vmoe_lib run {chapter} "
+                          f"--preset {preset}) or set $VMOE_RESULTS_DIR")
     files = sorted(p for p in folder.glob("*__s*.json"))
     if not files:
         raise ConfigError(f"chapter {chapter!r} has no recorded runs under {folder}; run it first")
     if sample > len(files):
         raise ConfigError(f"sample={sample} is larger than the {len(files)} recorded runs of {chapter}/{preset}")
     chosen = sorted(random.Random(seed).sample(files, sample))
-    payloads = {p: json.loads(p.read_text()) for p in files}
+    payloads = {}
+    for p in files:
+        try:
+            payloads[p] = json.loads(p.read_text())
+            _ = payloads[p]["manifest"]["run"], payloads[p]["record"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{p} is not a readable record ({type(err).__name__}: {err}); delete it and regenerate it "
+                              f"with: python -m vmoe_lib run {chapter} --preset {preset}") from None
     checks = []
     with tempfile.TemporaryDirectory(prefix="vmoe-verify-") as scratch:
         for path in chosen:

@@ -44,7 +44,7 @@ from ..results import RunResult, RunSpec, load_runs, regenerate_command, results
 from ..stats import (Claim, TestResult, VerdictRecord, decide_family, mcnemar, mde, noninferiority, paired_bootstrap,
                      paired_t, power_table, seeds_for_mde, tost, write_verdict_records)
 from ..sweep import EXECUTORS, resolve_workers
-from ..train import TrainConfig
+from ..train import TrainConfig, check_device
 
 __all__ = [
     "Preset", "Run", "Plan", "Chapter", "ChapterResults", "Measure", "SeedPaired", "PerImage", "Bypassed", "control_claim",
@@ -80,10 +80,11 @@ class Run:
         seeds: its seeds of record (``None``: the preset's).
         probe: a post-training measurement stored in the record (an object with ``__call__(model, data, device)``
             and ``settings()``; see :mod:`vmoe_lib.chapters.probes`). Its settings enter the results key.
-        borrow_from: a chapter (its name) whose preset of the same name has a run of the same results key
-            (config and probe) and at least these seeds: the run is then read from that chapter's results
-            (trained there if missing), never trained twice. Where that chapter has no such run, it is this
-            chapter's own.
+        borrow_from: a chapter (its name) whose preset of the same name has a run of the same config: the run is then
+            that chapter's experiment (its probe too, so the same results key), and its seeds that chapter has are read
+            from that chapter's results (trained there if missing), never trained twice; seeds it does not have are
+            trained here as the same experiment. Where that chapter has no such run, the run is this chapter's own
+            (with ``probe``).
     """
 
     name: str
@@ -107,25 +108,30 @@ class Plan:
     folder: str
     specs: tuple[RunSpec, ...]
     of_record: bool
+    notes: tuple[str, ...] = ()
+
+    def specs_of(self, name: str) -> list[RunSpec]:
+        """The specs of run ``name``: one, or two when its first seeds are borrowed and the rest are this chapter's."""
+        found = [s for s in self.specs if s.name == name]
+        if not found:
+            check_choice("run", name, list(dict.fromkeys(s.name for s in self.specs)))
+        return found
 
     def spec(self, name: str) -> RunSpec:
-        """The run called ``name``."""
-        for s in self.specs:
-            if s.name == name:
-                return s
-        check_choice("run", name, [s.name for s in self.specs])
-        raise AssertionError  # unreachable
+        """The (first) spec of run ``name``."""
+        return self.specs_of(name)[0]
 
     def configs(self) -> dict[str, TrainConfig]:
         """Run name -> config, in training order."""
         return {s.name: s.config for s in self.specs}
 
     def seeds_of(self, name: str) -> tuple[int, ...]:
-        """The seeds run ``name`` trains with."""
-        return self.spec(name).seeds
+        """The seeds run ``name`` trains with (borrowed and own together)."""
+        return tuple(seed for s in self.specs_of(name) for seed in s.seeds)
 
     def borrowed(self) -> dict[str, tuple[str, str]]:
-        """Runs read from another chapter: this chapter's name -> (that chapter, the run's name there)."""
+        """Runs read (at least for some seeds) from another chapter: this chapter's name -> (that chapter, the run's
+        name there)."""
         return {s.name: (s.chapter, s.stored_as or s.name) for s in self.specs if s.chapter != self.chapter}
 
 
@@ -284,18 +290,48 @@ def _merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def apply_overrides(configs: Mapping[str, TrainConfig], overrides: Mapping[str, Any] | None) -> dict[str, TrainConfig]:
+def _is_moe(model: str) -> bool:
+    from ..models import moe_convnext_model_names, moe_vit_model_names
+
+    return model in moe_vit_model_names() or model in moe_convnext_model_names()
+
+
+def apply_overrides(configs: Mapping[str, TrainConfig], overrides: Mapping[str, Any] | None,
+                    notes: list[str] | None = None) -> dict[str, TrainConfig]:
     """Apply ``TrainConfig`` field overrides (e.g. ``{"epochs": 2}``) to every config of a sweep.
 
     Nested dicts merge: ``{"model_kwargs": {"num_experts": 4}}`` changes the expert count of every
-    run and keeps each run's other model arguments (its router, say). An override that makes two
-    runs of the sweep the same experiment is rejected.
+    run and keeps each run's other model arguments (its router, say). A ``model_kwargs`` key that is an MoE setting
+    (``num_experts``, ``k``, ``router``, ``moe_layers``...; :data:`vmoe_lib.models.moe_utils.MOE_DEFAULTS`) applies to
+    the MoE runs only: a dense run has no experts and keeps its own arguments (``notes``, when given, says so); an MoE
+    setting no run of the sweep has is rejected. Every changed config is validated before anything trains, and an
+    override that makes two runs of the sweep the same experiment is rejected.
     """
+    from ..models.moe_utils import MOE_DEFAULTS
+
     if not overrides:
         return dict(configs)
     if not isinstance(overrides, Mapping):
         raise ConfigError(f"overrides={overrides!r} is invalid; it must be a dict of TrainConfig fields")
-    out = {name: TrainConfig.from_dict(_merge(cfg.to_dict(), overrides)) for name, cfg in configs.items()}
+    kwargs = overrides.get("model_kwargs")
+    moe_only = sorted(set(kwargs) & set(MOE_DEFAULTS)) if isinstance(kwargs, Mapping) else []
+    moe_runs = [name for name, cfg in configs.items() if _is_moe(cfg.model)]
+    if moe_only and not moe_runs:
+        raise ConfigError(f"overrides model_kwargs {moe_only} are MoE settings, and no run of this sweep is an MoE model "
+                          f"(runs: {sorted(configs)})")
+    out = {}
+    for name, cfg in configs.items():
+        changes = dict(overrides)
+        if moe_only and name not in moe_runs:
+            changes["model_kwargs"] = {k: v for k, v in kwargs.items() if k not in moe_only}
+        try:
+            out[name] = TrainConfig.from_dict(_merge(cfg.to_dict(), changes))
+        except ConfigError as err:
+            raise ConfigError(f"overrides={dict(overrides)!r} make run {name!r} invalid: {err}") from None
+    skipped = [name for name in configs if moe_only and name not in moe_runs]
+    if skipped and notes is not None:
+        notes.append(f"overrides model_kwargs {moe_only} are MoE settings: they change the MoE runs only; "
+                     f"{', '.join(skipped)} (dense) keep{'s' * (len(skipped) == 1)} their own")
     seen: dict[str, str] = {}
     for name, cfg in out.items():
         text = json.dumps(cfg.to_dict(), sort_keys=True)
@@ -452,33 +488,44 @@ class Chapter:
         names = [r.name for r in declared]
         if len(set(names)) != len(names):
             raise ConfigError(f"chapter {self.name!r} declares run names twice: {sorted({n for n in names if names.count(n) > 1})}")
-        configs = apply_overrides({r.name: r.config for r in declared}, overrides)
+        notes: list[str] = []
+        configs = apply_overrides({r.name: r.config for r in declared}, overrides, notes)
         specs, of_record = [], not overrides
         for r in declared:
             own = tuple(r.seeds) if r.seeds is not None else tuple(p.seeds)
             chosen = tuple(seeds) if seeds else own
             of_record = of_record and sorted(chosen) == sorted(own)
-            owner, stored_as = self._lender(r, preset, own)
-            probe = r.probe if owner == self.name else None
-            specs.append(RunSpec(r.name, configs[r.name], chosen, owner, stored_as=stored_as, extra_eval=probe,
-                                 hash_extra=_probe_hash(probe)))
-        return Plan(self.name, p, results_preset(preset, overrides), tuple(specs), of_record)
+            lent = self._lender(r, preset)
+            if lent is None:
+                specs.append(RunSpec(r.name, configs[r.name], chosen, self.name, extra_eval=r.probe,
+                                     hash_extra=_probe_hash(r.probe)))
+                continue
+            # A borrowed run is the lender's experiment, probe included (the same key): its seeds the lender has are
+            # read from the lender's results, any others are trained here as the same experiment.
+            lent_seeds = tuple(x for x in chosen if x in lent.seeds)
+            rest = tuple(x for x in chosen if x not in lent.seeds)
+            common = dict(extra_eval=lent.extra_eval, hash_extra=lent.hash_extra)
+            if lent_seeds:
+                specs.append(RunSpec(r.name, configs[r.name], lent_seeds, lent.chapter, stored_as=lent.name, **common))
+            if rest:
+                specs.append(RunSpec(r.name, configs[r.name], rest, self.name, **common))
+        return Plan(self.name, p, results_preset(preset, overrides), tuple(specs), of_record, tuple(notes))
 
-    def _lender(self, run: Run, preset: str, seeds: tuple[int, ...]) -> tuple[str, str | None]:
-        """(chapter holding the run's records, its name there): the chapter of ``borrow_from`` when its preset has
-        a run of the same key (no probe) with these seeds, else this chapter."""
+    def _lender(self, run: Run, preset: str) -> RunSpec | None:
+        """The lender's spec of ``run`` (``borrow_from``): the run of the lender's preset of the same name whose config
+        is the same experiment; ``None`` when there is none (the run is then this chapter's own)."""
         if run.borrow_from is None:
-            return self.name, None
+            return None
         from . import get_chapter
 
         lender = get_chapter(run.borrow_from)
         if preset not in lender.presets:
-            return self.name, None
-        key = RunSpec(run.name, run.config, seeds, lender.name).key
+            return None
+        config = run.config.to_dict()
         for spec in lender.plan(preset).specs:
-            if spec.chapter == lender.name and spec.key == key and set(seeds) <= set(spec.seeds):
-                return lender.name, spec.name
-        return self.name, None
+            if spec.chapter == lender.name and spec.config.to_dict() == config:
+                return spec
+        return None
 
     def experiment(self, preset: str) -> dict[str, TrainConfig]:
         """The sweep of a preset: run name -> config, in training order."""
@@ -512,8 +559,11 @@ class Chapter:
             slurm: options of the ``slurm`` executor.
         """
         check_choice("executor", executor, EXECUTORS)
-        resolve_workers(workers, device)  # a bad value fails here, before anything loads
+        check_device(device, here=executor != "slurm")  # a bad value fails here, before anything loads
+        resolve_workers(workers, device)
         plan = self.plan(preset, seeds, overrides)
+        for note in plan.notes:
+            print(note, flush=True)
         results = load_runs(plan.specs, plan.folder, device=device, progress=progress, executor=executor,
                             workers=workers, slurm=slurm, regenerate=regenerate_command(self.name, preset))
         if not plan.of_record and plan.folder != "custom":
@@ -521,6 +571,14 @@ class Chapter:
                   f"results/custom/{self.name}/, not to the verdicts of record", flush=True)
         order = {name: i for i, name in enumerate(self.display_order([s.name for s in plan.specs]))}
         results.sort(key=lambda r: (order.get(r.name, len(order)), r.seed))
+        return ChapterResults(self.name, plan.folder, results, of_record=plan.of_record, plan=plan)
+
+    def results_of_record(self, preset: str = "cpu") -> ChapterResults:
+        """The committed results of ``preset`` (its own seeds, no overrides), read and never trained: a missing or
+        stale record raises :class:`~vmoe_lib.results.MissingResultError` naming the command that makes it."""
+        plan = self.plan(preset)
+        results = load_runs(plan.specs, plan.folder, progress=False, require=True,
+                            regenerate=regenerate_command(self.name, preset))
         return ChapterResults(self.name, plan.folder, results, of_record=plan.of_record, plan=plan)
 
     def preset_of(self, results: ChapterResults) -> str:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError, check_choice, check_positive, check_range
+from ..errors import ConfigError, check_bool, check_choice, check_positive, check_range
 from ..routers.base import Routing
 from .dispatch import BACKENDS, DispatchInfo, dispatch_combine
 from .experts import EXPERT_INITS, ExpertBank
@@ -181,6 +181,9 @@ class MoEMlp(nn.Module):
             check_range("expert_dropout", expert_dropout, 0.0, 1.0)
         if not isinstance(shared_expert, (bool, int)) or (not isinstance(shared_expert, bool) and shared_expert <= 0):
             raise ConfigError(f"shared_expert={shared_expert!r} is invalid; use False, True or a positive hidden width")
+        for name, value in (("shared_expert_gate", shared_expert_gate), ("routing_leader", routing_leader),
+                            ("use_conv", use_conv)):
+            check_bool(name, value)
 
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features

@@ -266,6 +266,9 @@ def moe_factory(
 
 # ---------------------------------------------------------------------------- routing settings
 _LAYER_SETTINGS = ("group_size", "backend")
+# The router settings a built model's routing may change (what the weights are shaped by, such as num_experts, may not).
+ROUTING_SETTINGS = ("k", "capacity_factor", "eval_capacity_factor", "batch_priority", "capacity", "capacity_multiple",
+                    "renormalize", "noise_std")
 
 
 def set_routing(model: nn.Module, **settings: Any) -> nn.Module:
@@ -296,11 +299,11 @@ def set_routing(model: nn.Module, **settings: Any) -> nn.Module:
                 setattr(layer, key, value)
             continue
         routers = [layer.router for layer in layers if layer.router is not None]
-        if not all(hasattr(r, key) for r in routers):
-            allowed = sorted({a for r in routers for a in ("k", "capacity_factor", "eval_capacity_factor", "batch_priority", "capacity") if hasattr(r, a)})
+        if key not in ROUTING_SETTINGS or not all(hasattr(r, key) for r in routers):
+            allowed = sorted({a for r in routers for a in ROUTING_SETTINGS if hasattr(r, a)})
             raise ConfigError(f"set_routing: {key}={value!r} is not a setting of these routers; settable: {[*_LAYER_SETTINGS, *allowed]}")
         for r in routers:
-            setattr(r, key, value)
+            setattr(r, key, value)  # each router checks the value (vmoe_lib.routers.ops.Setting and its properties)
     return model
 
 

@@ -7,13 +7,16 @@ E experts, C capacity, K choices, D width).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 
 __all__ = [
+    "Setting",
+    "check_bool_setting",
     "check_int_setting",
     "check_rank3",
     "float32_math",
@@ -46,6 +49,36 @@ def check_int_setting(param: str, value: object, *, low: int = 1, high: int | No
         bound = f"an integer >= {low}" if high is None else f"an integer with {low} <= {param} <= {high}"
         raise ConfigError(f"{param}={value!r} is invalid; it must be {bound}")
     return int(value)  # type: ignore[arg-type]
+
+
+class Setting:
+    """A router or layer setting checked on every assignment: at construction, by
+    :func:`vmoe_lib.models.set_routing` and by a user's ``router.batch_priority = ...``. ``check(name, value)``
+    returns the value to store or raises :class:`ConfigError` naming the setting; ``fixed=True`` allows one
+    assignment only (a setting the layer's weights are shaped by, such as the number of experts)."""
+
+    def __init__(self, check: Callable[[str, Any], Any], *, fixed: bool = False) -> None:
+        self.check = check
+        self.fixed = fixed
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.attr = name, f"_setting_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else obj.__dict__[self.attr]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.fixed and self.attr in obj.__dict__:
+            raise ConfigError(f"{self.name}={value!r} cannot be set on a built {type(obj).__name__}: its weights are "
+                              f"shaped by {self.name}={obj.__dict__[self.attr]!r}; build a new one instead")
+        obj.__dict__[self.attr] = self.check(self.name, value)
+
+
+def check_bool_setting(param: str, value: object) -> bool:
+    """Return ``value`` if it is ``True`` or ``False`` (not ``"no"``, ``0`` or ``None``)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{param}={value!r} is invalid; it must be True or False")
+    return value
 
 
 def stable_top_k(x: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

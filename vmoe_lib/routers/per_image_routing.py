@@ -23,7 +23,7 @@ import torch
 from ..errors import ConfigError, check_positive
 from .base import Routing
 from .losses import balance_loss, importance_loss, load_loss, superclass_loss, z_loss
-from .ops import check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
+from .ops import Setting, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
 from .router import GatedRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
@@ -53,6 +53,8 @@ class PerImageRouter(GatedRouter):
 
     name = "per_image"
 
+    renormalize = Setting(check_bool_setting)
+
     def __init__(
         self,
         dim: int,
@@ -81,7 +83,7 @@ class PerImageRouter(GatedRouter):
             z_loss_weight=z_loss_weight,
         )
         self.k = k
-        self.renormalize = bool(renormalize)
+        self.renormalize = renormalize
         check_positive("superclass_loss_weight", superclass_loss_weight, allow_zero=True)
         self.superclass_loss_weight = float(superclass_loss_weight)
         self.superclass_targets: torch.Tensor | None = None

@@ -23,8 +23,8 @@ from ..errors import ConfigError, check_choice, check_positive
 from ..noise import global_randn_like
 from .base import LazyMetrics
 from .capacity import CAPACITY_ROUNDINGS, compute_capacity
-from .gates import create_gate
-from .ops import check_int_setting, check_rank3
+from .gates import GATES, create_gate
+from .ops import Setting, check_int_setting, check_rank3
 
 __all__ = ["CapacityRouter", "GatedRouter"]
 
@@ -50,6 +50,15 @@ class GatedRouter(nn.Module):
     #: registry name (set by each concrete router)
     name: ClassVar[str] = ""
 
+    # Settings checked on every assignment (ops.Setting): the shape-giving ones once, at construction.
+    dim = Setting(check_int_setting, fixed=True)
+    num_experts = Setting(check_int_setting, fixed=True)
+    noise_std = Setting(lambda name, v: float(check_positive(name, v, allow_zero=True)))
+    importance_loss_weight = Setting(_check_weight)
+    load_loss_weight = Setting(_check_weight)
+    balance_loss_weight = Setting(_check_weight)
+    z_loss_weight = Setting(_check_weight)
+
     def __init__(
         self,
         dim: int,
@@ -64,15 +73,15 @@ class GatedRouter(nn.Module):
         z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        self.dim = check_int_setting("dim", dim)
-        self.num_experts = check_int_setting("num_experts", num_experts)
-        self.gate_kind = check_choice("gate", gate, ("linear", "cosine", "mlp"))
+        self.dim = dim
+        self.num_experts = num_experts
+        self.gate_kind = check_choice("gate", gate, tuple(GATES))
         self.gate = create_gate(gate, dim, num_experts, hidden_dim=gate_hidden_dim)
-        self.noise_std = float(check_positive("noise_std", noise_std, allow_zero=True))
-        self.importance_loss_weight = _check_weight("importance_loss_weight", importance_loss_weight)
-        self.load_loss_weight = _check_weight("load_loss_weight", load_loss_weight)
-        self.balance_loss_weight = _check_weight("balance_loss_weight", balance_loss_weight)
-        self.z_loss_weight = _check_weight("z_loss_weight", z_loss_weight)
+        self.noise_std = noise_std
+        self.importance_loss_weight = importance_loss_weight
+        self.load_loss_weight = load_loss_weight
+        self.balance_loss_weight = balance_loss_weight
+        self.z_loss_weight = z_loss_weight
 
     # -- logits and noise --------------------------------------------------------------------
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +167,9 @@ class CapacityRouter(GatedRouter):
         capacity_rounding: ``'ceil'`` (reference) or ``'round'``.
     """
 
+    capacity_multiple = Setting(lambda name, v: None if v is None else check_int_setting(name, v, low=0))
+    capacity_rounding = Setting(lambda name, v: check_choice(name, v, CAPACITY_ROUNDINGS))
+
     def __init__(
         self,
         dim: int,
@@ -174,10 +186,8 @@ class CapacityRouter(GatedRouter):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.capacity = capacity
-        if capacity_multiple is not None:
-            check_int_setting("capacity_multiple", capacity_multiple, low=0)
         self.capacity_multiple = capacity_multiple
-        self.capacity_rounding = check_choice("capacity_rounding", capacity_rounding, CAPACITY_ROUNDINGS)
+        self.capacity_rounding = capacity_rounding
 
     @property
     def capacity_factor(self) -> float:

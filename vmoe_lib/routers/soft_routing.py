@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..errors import ConfigError, check_positive
 from ..noise import global_randn
 from .base import LazyMetrics, Routing
-from .ops import check_int_setting, check_rank3, float32_math, l2_normalize, softmax_experts
+from .ops import Setting, check_int_setting, check_rank3, float32_math, l2_normalize, softmax_experts
 from .stats import gate_entropy
 
 __all__ = ["SoftRouter", "soft_moe_logits", "soft_moe_weights"]
@@ -90,13 +90,18 @@ class SoftRouter(nn.Module):
     """
 
     name = "soft"
+    # Checked on every assignment (ops.Setting); the shape-giving ones once, at construction.
+    dim = Setting(check_int_setting, fixed=True)
+    num_experts = Setting(check_int_setting, fixed=True)
+    slots_per_expert = Setting(check_int_setting, fixed=True)
+    noise_std = Setting(lambda name, v: float(check_positive(name, v, allow_zero=True)))
 
     def __init__(self, dim: int, num_experts: int, *, slots_per_expert: int = 1, noise_std: float = 0.0) -> None:
         super().__init__()
-        self.dim = check_int_setting("dim", dim)
-        self.num_experts = check_int_setting("num_experts", num_experts)
-        self.slots_per_expert = check_int_setting("slots_per_expert", slots_per_expert)
-        self.noise_std = float(check_positive("noise_std", noise_std, allow_zero=True))
+        self.dim = dim
+        self.num_experts = num_experts
+        self.slots_per_expert = slots_per_expert
+        self.noise_std = noise_std
         # Reference init: lecun_normal for mu (irrelevant after normalisation) and 1 for the scale.
         self.mu = nn.Parameter(torch.randn(dim, num_experts, slots_per_expert) / math.sqrt(dim))
         self.scale = nn.Parameter(torch.ones(()))

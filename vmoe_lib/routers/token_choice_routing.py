@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import Routing
 from .losses import balance_loss, importance_loss, load_loss, z_loss
-from .ops import check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
+from .ops import Setting, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
 from .router import CapacityRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
@@ -132,6 +132,9 @@ class TokenChoiceRouter(CapacityRouter):
             (Tutel/Mixtral style). Off by default: V-MoE uses the raw gates.
     """
 
+    batch_priority = Setting(check_bool_setting)
+    renormalize = Setting(check_bool_setting)
+
     def __init__(
         self,
         dim: int,
@@ -148,8 +151,8 @@ class TokenChoiceRouter(CapacityRouter):
             dim, num_experts, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor, **kwargs
         )
         self.k = k
-        self.batch_priority = bool(batch_priority)
-        self.renormalize = bool(renormalize)
+        self.batch_priority = batch_priority
+        self.renormalize = renormalize
 
     @property
     def k(self) -> int:
