@@ -9,14 +9,14 @@ post-training measurements.
 from __future__ import annotations
 
 from ..errors import check_choice
-from . import base, probes, recipes, dense_baselines, routers_bpr, placement
+from . import base, probes, recipes, dense_baselines, routers_bpr, placement, router_gates
 from .base import Chapter
 
 __all__ = ["CHAPTERS", "get_chapter", "Chapter", "base", "probes", "recipes", "dense_baselines", "routers_bpr",
-           "placement"]
+           "placement", "router_gates"]
 
 CHAPTERS: dict[str, Chapter] = {
-    c.name: c for c in (dense_baselines.chapter, routers_bpr.chapter, placement.chapter)
+    c.name: c for c in (dense_baselines.chapter, routers_bpr.chapter, placement.chapter, router_gates.chapter)
 }
 
 

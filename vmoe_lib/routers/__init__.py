@@ -23,7 +23,7 @@ Routers never set an ``aux_loss`` attribute on themselves: the MoE layer copies
 from .base import LazyMetrics, Routing
 from .capacity import compute_capacity
 from .expert_choice_routing import ExpertChoice, SoftmaxExpertChoiceRouter, expert_choice
-from .gates import CosineGate, LinearGate, MLPGate, create_gate
+from .gates import GATES, CosineGate, L2Gate, LinearGate, MLPGate, create_gate
 from .losses import balance_loss, importance_loss, load_loss, superclass_loss, z_loss
 from .per_image_routing import PerImageRouter
 from .registry import create_router, list_routers, register_router, router_options
@@ -40,6 +40,8 @@ from .token_choice_routing import SoftmaxTokenChoiceRouter, TokenChoice, top_k_t
 
 __all__ = [
     "CosineGate",
+    "L2Gate",
+    "GATES",
     "ExpertChoice",
     "LinearGate",
     "MLPGate",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import check_choice, check_positive
 from .ops import l2_normalize
 
-__all__ = ["GATES", "CosineGate", "LinearGate", "MLPGate", "create_gate"]
+__all__ = ["GATES", "CosineGate", "L2Gate", "LinearGate", "MLPGate", "create_gate"]
 
 
 def _lecun_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -69,6 +69,28 @@ class CosineGate(nn.Module):
         return cosine / temperature
 
 
+class L2Gate(nn.Module):
+    """Negative squared Euclidean distance to a learned embedding per expert: ``logits[e] = -||x - w_e||^2``.
+
+    The distance router of the sweet-spot study's router comparison (arXiv:2411.18322, Tab. 7), ``W: (E, D)``
+    initialised as the linear gate's (LeCun normal). Expanding the square,
+    ``-||x - w_e||^2 = 2 x.w_e - ||w_e||^2 - ||x||^2``: the last term is the same for every expert of a token, so a
+    softmax over the experts (and a top-k, and a per-token noise) sees a linear gate with twice its slope and a bias
+    ``-||w_e||^2`` per expert; only the scale and that bias set it apart.
+    """
+
+    def __init__(self, dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        _lecun_normal_(self.weight, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (..., D) -> logits (..., E)`` in ``x.dtype``, every one <= 0."""
+        weight = self.weight.to(x.dtype)
+        cross = F.linear(x, weight)
+        return 2 * cross - (weight * weight).sum(-1) - (x * x).sum(-1, keepdim=True)
+
+
 class MLPGate(nn.Module):
     """A small MLP gate: ``Linear(D, H) -> GELU -> Linear(H, E, bias=False)``."""
 
@@ -86,11 +108,11 @@ class MLPGate(nn.Module):
         return F.linear(h, self.weight.to(x.dtype))
 
 
-GATES: dict[str, type[nn.Module]] = {"linear": LinearGate, "cosine": CosineGate, "mlp": MLPGate}
+GATES: dict[str, type[nn.Module]] = {"linear": LinearGate, "cosine": CosineGate, "l2": L2Gate, "mlp": MLPGate}
 
 
 def create_gate(kind: str, dim: int, num_experts: int, *, hidden_dim: int | None = None) -> nn.Module:
-    """Build the gate named ``kind`` (``'linear'``, ``'cosine'`` or ``'mlp'``)."""
+    """Build the gate named ``kind`` (``'linear'``, ``'cosine'``, ``'l2'`` or ``'mlp'``)."""
     check_choice("gate", kind, GATES)
     if kind == "mlp":
         return MLPGate(dim, num_experts, hidden_dim=hidden_dim)
