@@ -42,7 +42,7 @@ def test_cpu_linear_arms_borrow_chapter_1s_six_seeds_and_train_six_more():
     plan = chapter.plan("cpu")
     lent, own = plan.specs_of("tc_linear")
     assert (lent.chapter, lent.seeds) == ("routers_bpr", tuple(range(6)))
-    assert (own.chapter, own.seeds) == ("router_gates", tuple(range(6, 12)))
+    assert (own.chapter, own.seeds) == ("router_gates", tuple(range(6, 10)))
     assert lent.key == own.key == "1c651b97fa8f"  # chapter 1's committed record key of softmax_tc
 
 
@@ -112,5 +112,5 @@ def test_the_verdicts_follow_the_numbers_and_a_failed_control_makes_claims_untes
 
 def test_planned_power_reads_chapter_1s_records():
     frame = chapter.planned_power("cpu")
-    assert "chapter 1: softmax_ec vs softmax_tc" in frame.index and "MDE, n=12 (this preset)" in frame.columns
-    assert (frame["MDE, n=12 (this preset)"] < frame["MDE, n=6"]).all()
+    assert "chapter 1: softmax_ec vs softmax_tc" in frame.index and "MDE, n=10 (this preset)" in frame.columns
+    assert (frame["MDE, n=10 (this preset)"] < frame["MDE, n=6"]).all()

@@ -83,10 +83,13 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         description=f"chapter 0's test bed ({TEST_BED.dense}, every block MoE, 8 experts, {TEST_BED.epochs} epochs), "
-                    "Fashion-MNIST 28x28, 55k train images: 2 allocations x 3 gates, 12 seeds (the linear arms' seeds "
+                    "Fashion-MNIST 28x28, 55k train images: 2 allocations x 3 gates, 10 seeds (the linear arms' seeds "
                     "0-5 are chapter 1's runs)",
-        hardware="CPU, 2 cores, 2 workers x 1 thread, pinned numerics (estimated 75 min before the sweep)",
-        expected_minutes=75.0, seeds=tuple(range(12)),
+        # 12 seeds were declared first; the first minutes of that sweep measured 3.4 min per run (the cosine gate
+        # and chapter 1's probe cost more than estimated): 105 min for 12 seeds, over the 90-min budget. Cut to 10
+        # before any accuracy was read.
+        hardware="CPU, 2 cores, 2 workers x 1 thread, pinned numerics (estimated 82 min before the sweep)",
+        expected_minutes=82.0, seeds=tuple(range(10)),
         settings={"probe_images": None},
     ),
     "gpu": Preset(
