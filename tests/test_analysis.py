@@ -18,22 +18,23 @@ from vmoe_lib.train import TrainConfig
 # Tables
 
 
-def _result(name: str, seed: int, test_acc: float, val_acc: float, *, model="vit_test_patch7_28", ips=(100.0, 300.0), wall=10.0):
+def _result(name: str, seed: int, test_acc: float, val_acc: float, *, model="vit_test_patch7_28", ips=(100.0, 300.0), wall=10.0,
+            image_size=None):
     record = {
         "history": [{"epoch": i + 1, "train_images_per_second": x} for i, x in enumerate(ips)],
         "final": {"test_accuracy": test_acc, "val_accuracy": val_acc, "test_loss": 1.0 - test_acc},
         "costs": {"params_total": 1000, "params_activated": 400, "flops_per_image": 5e5},
         "wall_time_s": wall,
     }
-    return RunResult(name, seed, TrainConfig(model=model), record, {}, Path(f"/nowhere/{name}__s{seed}.json"))
+    return RunResult(name, seed, TrainConfig(model=model, image_size=image_size), record, {}, Path(f"/nowhere/{name}__s{seed}.json"))
 
 
 RESULTS = [
     _result("vit", 0, 0.50, 0.60, wall=10.0),
     _result("vit", 1, 0.75, 0.60, wall=20.0),
     _result("vit", 2, 1.00, 0.60, wall=30.0),
-    _result("conv", 0, 0.25, 0.30, model="convnext_test_32", ips=(50.0, 50.0)),
-    _result("conv", 1, 0.75, 0.50, model="convnext_test_32", ips=(50.0, 50.0)),
+    _result("conv", 0, 0.25, 0.30, model="convnext_test_32", ips=(50.0, 50.0), image_size=32),
+    _result("conv", 1, 0.75, 0.50, model="convnext_test_32", ips=(50.0, 50.0), image_size=32),
 ]
 
 

@@ -228,7 +228,7 @@ def test_verify_sample_must_be_a_positive_int(sample):
 @pytest.mark.parametrize("kwargs, message", [
     ({"model": "vit_pico_patch7_28", "image_size": 32}, "image_size=32 does not fit model='vit_pico_patch7_28'"),
     ({"model": "vit_nano_patch4_32", "image_size": 28}, "image_size=28 does not fit model='vit_nano_patch4_32'"),
-    ({"model": "convnext_zepto_32"}, "the 28x28 images of 'fashion_mnist' is too small for model='convnext_zepto_32'"),
+    ({"model": "convnext_zepto_32"}, "the 28x28 images of 'fashion_mnist' are too small for model='convnext_zepto_32'"),
     ({"model": "convnext_zepto_32", "image_size": 16}, "image_size=16 is too small for model='convnext_zepto_32'"),
     ({"model": "vit_pico_patch7_28", "dataset": "cifar100"}, "the 32x32 images of 'cifar100' does not fit"),
 ])

@@ -205,7 +205,8 @@ class TrainConfig:
                               f"for {size} (e.g. model_kwargs={{'img_size': {size}}}), or image_size={built['fixed_size']}")
         if size is not None and built["min_size"] and size < built["min_size"]:
             shown = f"image_size={self.image_size}" if self.image_size else f"the {size}x{size} images of {self.dataset!r}"
-            raise ConfigError(f"{shown} is too small for model={self.model!r}, which downsamples by "
+            verb = "is" if self.image_size else "are"
+            raise ConfigError(f"{shown} {verb} too small for model={self.model!r}, which downsamples by "
                               f"{built['min_size']}; use image_size={built['min_size']} or more")
 
     def to_dict(self) -> dict[str, Any]:
