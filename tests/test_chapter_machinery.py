@@ -153,3 +153,26 @@ def test_a_claim_without_a_measure_is_a_clear_error(toys):
 
     with pytest.raises(ConfigError, match="claim 'x' of chapter 'toy_chapter' declares no measure"):
         NoMeasure().verdicts(ChapterResults("toy_chapter", "smoke", []), write=False)
+
+
+def test_a_run_borrowed_from_a_borrower_is_read_where_each_seed_lives(toys, monkeypatch):
+    """Chapter C borrows ``dense`` from the toy chapter, which reads seeds 0-2 from the lender: C reads those seeds
+    from the lender (not from the toy chapter, which never trained them), and trains only the seeds nobody has."""
+    lender, toy = toys
+
+    class Third(Chapter):
+        name, title = "toy_third", "borrows from a borrower"
+        presets = {"smoke": Preset("smoke", "toy", "CPU", 0.2, seeds=(0, 1, 2, 3))}
+
+        def runs(self, preset):
+            return [Run("base", BASE, borrow_from="toy_chapter")]
+
+        def claims(self, preset):
+            return []
+
+    third = Third()
+    monkeypatch.setitem(chapters.CHAPTERS, third.name, third)
+    plan = third.plan("smoke")
+    where = {(s.chapter, s.stored_as or s.name): s.seeds for s in plan.specs}
+    assert where == {("toy_lender", "dense"): (0, 1, 2), ("toy_third", "base"): (3,)}
+    assert len({s.key for s in plan.specs}) == 1 and plan.borrowed() == {"base": ("toy_lender", "dense")}

@@ -15,7 +15,7 @@ import pandas as pd
 from .results import RunResult
 
 __all__ = ["correct_of", "bypass_correct_of", "routing_of", "load_cv", "runs_table", "summary_table", "final_metric",
-           "mean_sd_text", "format_mean_sd"]
+           "mean_sd_text", "format_mean_sd", "class_expert_information", "specialisation_of"]
 
 
 def mean_sd_text(values: Sequence[float], unit: float = 100.0, digits: int = 2) -> str:
@@ -62,6 +62,44 @@ def load_cv(load: Sequence[float]) -> float:
     """Coefficient of variation of the experts' loads (population sd / mean; 0 = perfectly balanced)."""
     x = np.asarray(load, dtype=float)
     return float(x.std() / x.mean()) if x.mean() > 0 else float("nan")
+
+
+def class_expert_information(class_expert: Sequence[Sequence[float]],
+                             class_weights: Sequence[float] | None = None) -> float:
+    """How much the expert a token is sent to tells about its image's class: ``I(class; expert) / H(class)``.
+
+    ``class_expert`` is a probe's table (row ``c``: the share of class ``c``'s token-expert assignments that went to
+    each expert; :class:`~vmoe_lib.layers.stats.RoutingRecorder`), ``class_weights`` each class's share of the tokens
+    (default: equal, as in the class-balanced test sets of Fashion-MNIST and CIFAR). 0: every class is routed alike;
+    1: the expert identifies the class (possible only with at least as many experts as classes). The denominator
+    ``H(class)`` is fixed by the data, so values compare across expert counts and training sets.
+    """
+    from .errors import ConfigError
+
+    rows = np.asarray(class_expert, dtype=float)
+    if rows.ndim != 2 or rows.shape[0] < 2 or not np.isfinite(rows).all() or (rows < 0).any():
+        raise ConfigError(f"class_expert of shape {rows.shape} is invalid; it must be a (classes >= 2, experts) table "
+                          f"of finite, non-negative shares")
+    rows = rows / np.clip(rows.sum(1, keepdims=True), 1e-300, None)
+    w = np.full(rows.shape[0], 1.0 / rows.shape[0]) if class_weights is None else np.asarray(class_weights, float)
+    if w.shape != (rows.shape[0],) or not np.isfinite(w).all() or (w < 0).any() or not np.isclose(w.sum(), 1.0):
+        raise ConfigError(f"class_weights={np.asarray(class_weights).tolist()} is invalid; it must be "
+                          f"{rows.shape[0]} non-negative shares (one per class) summing to 1")
+    joint = w[:, None] * rows
+    expert = joint.sum(0)
+    nz = joint > 0
+    info = float((joint[nz] * np.log(joint[nz] / (w[:, None] * expert[None, :])[nz])).sum())
+    h_class = float(-(w[w > 0] * np.log(w[w > 0])).sum())
+    return max(0.0, info) / h_class if h_class > 0 else 0.0  # one class: nothing to tell apart
+
+
+def specialisation_of(result: RunResult) -> float | None:
+    """A run's expert specialisation: :func:`class_expert_information` of each MoE layer's class x expert table on the
+    test images (stored by a routing probe), averaged over the layers; ``None`` without such tables."""
+    tables = [st["class_expert"] for st in routing_of(result).values() if st.get("class_expert")]
+    if not tables:
+        return None
+    return float(np.mean([class_expert_information(t) for t in tables]))
 
 
 def final_metric(result: RunResult, metric: str = "test_accuracy") -> float:

@@ -158,8 +158,9 @@ def accuracy_vs_epochs(results: Sequence[RunResult], metric: str = "val_accuracy
     groups = _groups(results)
     fig, ax = plt.subplots(figsize=(7.2, 4.4 + 0.25 * max(0, len(groups) - 4)))
     for i, (name, runs) in enumerate(groups.items()):
-        curves = np.array([[h[metric] for h in r.history] for r in runs]) * 100
-        epochs = np.arange(1, curves.shape[1] + 1)
+        # Epochs without an evaluation (``eval_every``) have no ``metric``: the curve joins the evaluated ones.
+        curves = np.array([[h[metric] for h in r.history if metric in h] for r in runs]) * 100
+        epochs = np.array([h["epoch"] for h in runs[0].history if metric in h])
         ax.plot(epochs, curves.mean(0), marker="o", color=_color(i), label=f"{name} (n={len(runs)})")
         if len(runs) > 1:
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=_color(i), alpha=0.2, linewidth=0)

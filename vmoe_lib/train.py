@@ -134,6 +134,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     amp: bool = True  # mixed precision, used on CUDA only
     eval_batch_size: int = 1000
+    # Evaluate val/test after every n-th epoch and after the last (None: after every epoch). Training is the same
+    # either way; a long run on a small subset (many short epochs) spends less time evaluating.
+    eval_every: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,9 +163,9 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r} is invalid; it must be an int >= {low}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
             raise ConfigError(f"image_size={self.image_size!r} is invalid; it must be an int >= 8 or None")
-        for name in ("train_subset", "eval_subset"):
+        for name in ("train_subset", "eval_subset", "eval_every"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"{name}={value!r} is invalid; it must be an int > 0 or None")
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs={self.model_kwargs!r} is invalid; it must be a dict")
@@ -601,9 +604,10 @@ def train_model(
             "train_accuracy": acc[2] / acc[3],
             "lr": scheduler.get_last_lr()[0],
         }
-        for split, loader in eval_loaders.items():
-            metrics = evaluate(model, loader, device=dev, amp=use_amp, distributed=ctx)
-            record[f"{split}_loss"], record[f"{split}_accuracy"] = metrics["loss"], metrics["accuracy"]
+        if config.eval_every is None or (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            for split, loader in eval_loaders.items():
+                metrics = evaluate(model, loader, device=dev, amp=use_amp, distributed=ctx)
+                record[f"{split}_loss"], record[f"{split}_accuracy"] = metrics["loss"], metrics["accuracy"]
         record["epoch_seconds"] = acc[4] + time.perf_counter() - eval_started
         record["train_images_per_second"] = acc[3] / acc[4] if acc[4] > 0 else float("nan")
         state["wall_time_s"] += record["epoch_seconds"]

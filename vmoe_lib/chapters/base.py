@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -41,13 +41,14 @@ import pandas as pd
 from ..analysis import bypass_correct_of, correct_of, load_cv, routing_of
 from ..errors import ConfigError, check_choice
 from ..results import RunResult, RunSpec, load_runs, regenerate_command, results_root
-from ..stats import (Claim, TestResult, VerdictRecord, decide_family, mcnemar, mde, noninferiority, paired_bootstrap,
-                     paired_t, power_table, seeds_for_mde, tost, write_verdict_records)
+from ..stats import (Claim, TestResult, VerdictRecord, decide_family, interaction, mcnemar, mde, noninferiority,
+                     paired_bootstrap, paired_t, power_table, seeds_for_mde, tost, write_verdict_records)
 from ..sweep import EXECUTORS, resolve_workers
 from ..train import TrainConfig, check_device
 
 __all__ = [
-    "Preset", "Run", "Plan", "Chapter", "ChapterResults", "Measure", "SeedPaired", "PerImage", "Bypassed", "control_claim",
+    "Preset", "Run", "Plan", "Chapter", "ChapterResults", "Measure", "Metric", "SeedPaired", "SeedPairedInteraction",
+    "PerImage", "Bypassed", "control_claim",
     "select_preset", "apply_overrides", "results_preset", "preset_frame", "parse_seeds", "parse_overrides",
     "sweep_wall_minutes", "routing_at",
 ]
@@ -131,8 +132,16 @@ class Plan:
 
     def borrowed(self) -> dict[str, tuple[str, str]]:
         """Runs read (at least for some seeds) from another chapter: this chapter's name -> (that chapter, the run's
-        name there)."""
-        return {s.name: (s.chapter, s.stored_as or s.name) for s in self.specs if s.chapter != self.chapter}
+        name there); for a run read from several chapters (a lender that borrows some seeds in turn), the first."""
+        out: dict[str, tuple[str, str]] = {}
+        for s in self.specs:
+            if s.chapter != self.chapter:
+                out.setdefault(s.name, (s.chapter, s.stored_as or s.name))
+        return out
+
+
+#: What a seed-paired measure reads from a run: a final metric's name (``"test_accuracy"``) or a function of the run.
+Metric = Union[str, Callable[[RunResult], Optional[float]]]
 
 
 @dataclass
@@ -161,16 +170,27 @@ class ChapterResults:
             out.setdefault(r.name, []).append(r)
         return out
 
-    def paired(self, a: str, b: str, metric: str = "test_accuracy") -> tuple[list[float], list[float]]:
-        """The final ``metric`` of runs ``a`` and ``b`` on the seeds both have, in seed order (paired by seed)."""
-        va = {r.seed: float(r.final[metric]) for r in self.results if r.name == a}
-        vb = {r.seed: float(r.final[metric]) for r in self.results if r.name == b}
+    def by_seed(self, name: str, metric: Metric = "test_accuracy") -> dict[int, float]:
+        """Seed -> ``metric`` of run ``name``: a final metric's name, or a function of the run (seeds where it gives
+        ``None`` are left out)."""
+        out = {}
+        for r in self.results:
+            if r.name == name:
+                value = r.final[metric] if isinstance(metric, str) else metric(r)
+                if value is not None:
+                    out[r.seed] = float(value)
+        return out
+
+    def paired(self, a: str, b: str, metric: Metric = "test_accuracy") -> tuple[list[float], list[float]]:
+        """The ``metric`` (see :meth:`by_seed`) of runs ``a`` and ``b`` on the seeds both have, in seed order (paired
+        by seed)."""
+        va, vb = self.by_seed(a, metric), self.by_seed(b, metric)
         seeds = sorted(set(va) & set(vb))
         return [va[s] for s in seeds], [vb[s] for s in seeds]
 
-    def values(self, name: str, metric: str = "test_accuracy") -> list[float]:
-        """The final ``metric`` of every seed of run ``name`` (empty if the sweep has no such run)."""
-        return [float(r.final[metric]) for r in self.results if r.name == name]
+    def values(self, name: str, metric: Metric = "test_accuracy") -> list[float]:
+        """The ``metric`` (see :meth:`by_seed`) of every seed of run ``name`` (empty if the sweep has no such run)."""
+        return list(self.by_seed(name, metric).values())
 
     def runs_of(self, name: str) -> list[RunResult]:
         """The stored seeds of run ``name``, in seed order."""
@@ -210,11 +230,36 @@ class SeedPaired(Measure):
 
     a: str
     b: str
-    metric: str = "test_accuracy"
+    metric: Metric = "test_accuracy"
 
     def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:
         va, vb = results.paired(self.a, self.b, self.metric)
         return _seed_paired_test(claim, va, vb)
+
+
+@dataclass(frozen=True)
+class SeedPairedInteraction(Measure):
+    """An interaction: per seed, ``(a - b) - (c - d)`` of ``metric`` (a difference of two seed-paired differences, e.g.
+    the gain of many experts over few with much data minus that gain with little), on the seeds all four runs have,
+    tested by :func:`vmoe_lib.stats.interaction` (the claim's ``test="interaction"``) in the claim's direction. Its
+    spread is about sqrt(2) times a single contrast's, so it needs about twice the seeds for the same MDE (four times,
+    against a main effect of the same size)."""
+
+    a: str
+    b: str
+    c: str
+    d: str
+    metric: Metric = "test_accuracy"
+
+    def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:
+        if claim.test != "interaction":
+            raise ConfigError(f"claim {claim.id!r}: an interaction is tested by test='interaction', not {claim.test!r}")
+        v = {name: results.by_seed(name, self.metric) for name in (self.a, self.b, self.c, self.d)}
+        seeds = sorted(set.intersection(*(set(x) for x in v.values())))
+        if len(seeds) < 2:
+            return None
+        return interaction(*([v[name][s] for s in seeds] for name in (self.a, self.b, self.c, self.d)),
+                           direction=claim.direction)
 
 
 def _stacked_correct(results: ChapterResults, name: str, seeds: Sequence[int] | None = None) -> np.ndarray | None:
@@ -496,36 +541,39 @@ class Chapter:
             chosen = tuple(seeds) if seeds else own
             of_record = of_record and sorted(chosen) == sorted(own)
             lent = self._lender(r, preset)
-            if lent is None:
+            if not lent:
                 specs.append(RunSpec(r.name, configs[r.name], chosen, self.name, extra_eval=r.probe,
                                      hash_extra=_probe_hash(r.probe)))
                 continue
             # A borrowed run is the lender's experiment, probe included (the same key): its seeds the lender has are
-            # read from the lender's results, any others are trained here as the same experiment.
-            lent_seeds = tuple(x for x in chosen if x in lent.seeds)
-            rest = tuple(x for x in chosen if x not in lent.seeds)
-            common = dict(extra_eval=lent.extra_eval, hash_extra=lent.hash_extra)
-            if lent_seeds:
-                specs.append(RunSpec(r.name, configs[r.name], lent_seeds, lent.chapter, stored_as=lent.name, **common))
+            # read from where the lender reads them (its own results, or a chapter it borrows them from in turn), any
+            # others are trained here as the same experiment.
+            common = dict(extra_eval=lent[0].extra_eval, hash_extra=lent[0].hash_extra)
+            taken: set[int] = set()
+            for there in lent:
+                lent_seeds = tuple(x for x in chosen if x in there.seeds and x not in taken)
+                taken.update(lent_seeds)
+                if lent_seeds:
+                    specs.append(RunSpec(r.name, configs[r.name], lent_seeds, there.chapter,
+                                         stored_as=there.stored_as or there.name, **common))
+            rest = tuple(x for x in chosen if x not in taken)
             if rest:
                 specs.append(RunSpec(r.name, configs[r.name], rest, self.name, **common))
         return Plan(self.name, p, results_preset(preset, overrides), tuple(specs), of_record, tuple(notes))
 
-    def _lender(self, run: Run, preset: str) -> RunSpec | None:
-        """The lender's spec of ``run`` (``borrow_from``): the run of the lender's preset of the same name whose config
-        is the same experiment; ``None`` when there is none (the run is then this chapter's own)."""
+    def _lender(self, run: Run, preset: str) -> list[RunSpec]:
+        """The lender's specs of ``run`` (``borrow_from``): those of the lender's preset of the same name whose config
+        is the same experiment, wherever the lender reads them from (its own folder, or a chapter it borrows from in
+        turn); empty when there are none (the run is then this chapter's own)."""
         if run.borrow_from is None:
-            return None
+            return []
         from . import get_chapter
 
         lender = get_chapter(run.borrow_from)
         if preset not in lender.presets:
-            return None
+            return []
         config = run.config.to_dict()
-        for spec in lender.plan(preset).specs:
-            if spec.chapter == lender.name and spec.config.to_dict() == config:
-                return spec
-        return None
+        return [spec for spec in lender.plan(preset).specs if spec.config.to_dict() == config]
 
     def experiment(self, preset: str) -> dict[str, TrainConfig]:
         """The sweep of a preset: run name -> config, in training order."""
@@ -650,7 +698,7 @@ class Chapter:
 
     def _minutes_per_seed(self, results: ChapterResults, claim: Claim) -> tuple[float, int]:
         """CPU minutes per seed of this chapter's own runs trained on the seeds of the claim's arms, and how many."""
-        arms = [a for a in (getattr(claim.measure, "a", None), getattr(claim.measure, "b", None)) if a]
+        arms = [a for a in (getattr(claim.measure, name, None) for name in "abcd") if isinstance(a, str)]
         seeds = {r.seed for a in arms for r in results.runs_of(a)}
         groups = {}
         for r in self.own(results):

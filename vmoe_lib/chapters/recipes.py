@@ -8,11 +8,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..data import DATASET_FACTS
+from ..errors import ConfigError
 from ..papers import PaperNumber
 from ..train import TrainConfig
 
 __all__ = ["SMOKE_DATA", "TEST_BED_MOE", "Candidate", "TEST_BED", "TEST_BED_CONVNEXT", "fashion_mnist_recipe", "cifar_recipe",
-           "preset_recipe", "input_size", "SWEET_SPOT_GAIN"]
+           "preset_recipe", "input_size", "SWEET_SPOT_GAIN", "training_images", "same_steps_on_fewer_images"]
 
 # A smoke run touches every code path on a sliver of the data.
 SMOKE_DATA: dict[str, Any] = {"train_subset": 2048, "eval_subset": 1000}
@@ -123,3 +125,43 @@ SWEET_SPOT_GAIN: dict[tuple[str, str], PaperNumber] = {
     ("convnext", "s2:every-2"): PaperNumber("sweet_spot", 0.0, "Tabs. 1 and 3, ConvNeXt-T, ImageNet-1k: dense 82.1, "
                                                                "MoE 82.1 (Last-2, one-stage placements), 81.8 (Every-2)"),
 }
+
+
+def training_images(config: TrainConfig) -> int:
+    """The images one epoch of ``config`` trains on: ``train_subset``, or the dataset's training split less the
+    validation images it holds out. Known for the datasets of :data:`vmoe_lib.data.DATASET_FACTS` only."""
+    if config.train_subset is not None:
+        return config.train_subset
+    facts = DATASET_FACTS.get(config.dataset)
+    if facts is None:
+        raise ConfigError(f"dataset={config.dataset!r} has no known size; the sizes known are those of "
+                          f"{sorted(DATASET_FACTS)} (or set train_subset)")
+    return facts.train - config.val_size
+
+
+def same_steps_on_fewer_images(config: TrainConfig, fraction: float) -> TrainConfig:
+    """``config`` trained on about ``fraction`` of its training images for exactly the same optimiser steps.
+
+    The smaller set is the first images of the training split (``train_subset``: nested, the same images in the same
+    order for every model). Its epochs are longer in number and shorter in steps: with ``n`` full-size steps per epoch
+    and ``epochs`` epochs, the run takes ``s`` steps per epoch for ``epochs * n / s`` epochs, ``s`` the divisor of
+    ``epochs * n`` closest to ``fraction * n`` (so the step count is exact, and ``train_subset = s * batch_size``). The
+    warmup covers the same steps, the learning-rate schedule is the same function of the step, and ``eval_every``
+    evaluates after the same steps as the full run does (or as close as whole epochs allow), so the two runs differ in
+    the images they see, nothing else.
+
+    Raises :class:`~vmoe_lib.errors.ConfigError` for a ``fraction`` outside (0, 1) or a config whose training set size
+    is unknown (an image folder without ``train_subset``).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"fraction={fraction!r} is invalid; it must be a number between 0 and 1 (e.g. 1/11)")
+    per_epoch = training_images(config) // config.batch_size
+    total = config.epochs * per_epoch
+    target = fraction * per_epoch
+    divisors = [d for d in range(1, per_epoch + 1) if total % d == 0 and d < per_epoch]
+    steps = min(divisors, key=lambda d: (abs(d - target), d))
+    epochs = total // steps
+    warmup_steps = int(round(config.warmup_epochs * per_epoch))
+    full_eval = config.eval_every or 1
+    return config.replace(train_subset=steps * config.batch_size, epochs=epochs,
+                          warmup_epochs=warmup_steps / steps, eval_every=max(1, round(full_eval * per_epoch / steps)))
