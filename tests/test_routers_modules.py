@@ -91,7 +91,7 @@ def test_reference_defaults():
         ("softmax_token_choice", dict(eval_capacity_factor=-1.0), "eval_capacity_factor=-1.0"),
         ("softmax_token_choice", dict(capacity_rounding="floor"), "capacity_rounding"),
         ("softmax_token_choice", dict(capacity_multiple=-4), "capacity_multiple"),
-        ("softmax_token_choice", dict(gate="l2"), "gate='l2'"),
+        ("softmax_token_choice", dict(gate="l3"), "gate='l3'"),
         ("softmax_token_choice", dict(noise_std=-1.0), "noise_std"),
         ("softmax_token_choice", dict(load_loss_weight=-1.0), "load_loss_weight"),
         ("sinkhorn_token_choice", dict(sinkhorn_iterations=-1), "sinkhorn_iterations"),
