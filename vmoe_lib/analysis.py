@@ -18,18 +18,21 @@ __all__ = ["correct_of", "bypass_correct_of", "routing_of", "load_cv", "runs_tab
            "mean_sd_text", "format_mean_sd", "class_expert_information", "specialisation_of"]
 
 
-def mean_sd_text(values: Sequence[float], unit: float = 100.0, digits: int = 2) -> str:
+def mean_sd_text(values: Sequence[float], unit: float = 100.0, digits: int = 2, signed: bool = False) -> str:
     """``"mean ± sd"`` of ``values`` times ``unit`` (sample sd; the mean alone for one value), joined by
-    non-breaking spaces so a table cell never wraps it over several lines."""
+    non-breaking spaces so a table cell never wraps it over several lines; ``signed``: the mean with its sign (a
+    difference, ``+0.42 ± 0.30``)."""
     v = np.asarray(values, dtype=float) * unit
-    return format_mean_sd(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), digits)
+    return format_mean_sd(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), digits, signed)
 
 
-def format_mean_sd(mean: float, sd: float, digits: int = 2) -> str:
-    """``"mean ± sd"`` with non-breaking spaces (the mean alone when ``sd`` is not finite)."""
+def format_mean_sd(mean: float, sd: float, digits: int = 2, signed: bool = False) -> str:
+    """``"mean ± sd"`` with non-breaking spaces (the mean alone when ``sd`` is not finite); ``signed``: ``+`` before
+    a positive mean."""
+    m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     if np.isfinite(sd):
-        return f"{mean:.{digits}f}\u00a0±\u00a0{sd:.{digits}f}"
-    return f"{mean:.{digits}f}"
+        return f"{m}\u00a0±\u00a0{sd:.{digits}f}"
+    return m
 
 
 def correct_of(result: RunResult) -> np.ndarray:

@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .results import RunResult, _repo_root
 
-__all__ = ["style", "save", "check_readable", "strip_with_means", "plain_log_axis", "accuracy_vs_epochs",
+__all__ = ["style", "save", "check_readable", "strip_with_means", "plain_log_axis", "compact_number", "accuracy_vs_epochs",
            "accuracy_vs_cost", "per_seed_points", "forest", "PALETTE", "VERDICT_COLORS", "MIN_FONT_POINTS",
            "MAX_WIDTH_INCHES"]
 
@@ -106,10 +106,19 @@ def _legend(ax, n: int) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
 
 
+def compact_number(value: float) -> str:
+    """``5``, ``20``, ``50k``, ``1.5M``: a tick label that stays short for counts of parameters or FLOPs."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
 def plain_log_axis(axis: Any) -> None:
-    """A log-scaled axis labelled with plain numbers (``5``, ``10``, ``20``), not powers of ten (``7×10⁰``)."""
+    """A log-scaled axis labelled with plain numbers (``5``, ``10``, ``20``, ``50k``, ``1M``), not powers of ten
+    (``7×10⁰``)."""
     axis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_major_formatter(mticker.FuncFormatter(lambda v, _: compact_number(v)))
     axis.set_minor_formatter(mticker.NullFormatter())
 
 

@@ -500,6 +500,7 @@ class Chapter:
     presets: ClassVar[dict[str, Preset]]
     primary: ClassVar[tuple[str, ...]] = ()
     power_target: ClassVar[float] = 0.5
+    benchmark: ClassVar[Optional[str]] = None
 
     # -- what a chapter declares ------------------------------------------------------------------------------
     def runs(self, preset: Preset) -> list[Run]:
@@ -745,6 +746,34 @@ class Chapter:
         if same:
             out.attrs["caption"] = "Every run: " + "; ".join(f"{c} {cell_text(frame[c].iloc[0])}" for c in same) + "."
         return out
+
+    def throughput_table(self, device: str = "cpu") -> pd.DataFrame:
+        """The training step of the chapter's models from its sizing benchmark of record (``benchmarks/bench_<name>.py``
+        -> ``results/benchmarks/<device>/<benchmark>.json``, ``benchmark`` a class attribute): parameters, activated
+        parameters and FLOPs per image, milliseconds per step of 128 images and the ratio to the dense model's step,
+        measured side by side. Empty if the chapter has no benchmark or it has not been run on ``device``."""
+        from ..results import _repo_root
+
+        if not self.benchmark:
+            return pd.DataFrame()
+        path = _repo_root() / "results" / "benchmarks" / device / f"{self.benchmark}.json"
+        if not path.exists():
+            return pd.DataFrame()
+        report = json.loads(path.read_text())
+        rows = {}
+        for row in report["rows"]:
+            rows[row["model"]] = {"params (k)": f"{row['params_total'] / 1e3:.0f}",
+                                  "activated (k)": f"{row['params_activated'] / 1e3:.0f}",
+                                  "MFLOPs / image": f"{row['flops_per_image'] / 1e6:.2f}",
+                                  "train step (ms)": f"{1e3 * row['step_s']:.1f}",
+                                  "vs dense": f"{row['vs_dense']:.2f}x",
+                                  "eval images / s": f"{row['eval_images_per_s']:.0f}"}
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        m = report["manifest"]
+        frame.attrs["caption"] = (f"Measured by `{m['command']}` at {str(m.get('git_sha') or '')[:7]} on "
+                                  f"{m.get('cpu_model') or m.get('platform')}, {m['torch_threads']} thread(s), "
+                                  f"minimum of {m['repeats']} interleaved repeats.")
+        return frame
 
     def control_table(self, results: ChapterResults) -> pd.DataFrame:
         """Per MoE run: test accuracy as trained and with every MoE layer bypassed at inference (mean over seeds), and

@@ -32,7 +32,6 @@ costs at least 1 point).
 
 from __future__ import annotations
 
-import json
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -42,7 +41,6 @@ from ..analysis import load_cv, mean_sd_text, routing_of, specialisation_of
 from ..data import FASHION_MNIST_CLASSES
 from ..papers import PaperNumber
 from ..plots import _color, style
-from ..results import _repo_root
 from ..stats import Claim
 from .base import (Chapter, ChapterResults, Preset, Run, SeedPaired, SeedPairedInteraction, control_claim)
 from .probes import RoutingStatsProbe
@@ -112,6 +110,7 @@ class ExpertsData(Chapter):
     presets = PRESETS
     primary = ("e8_not_worse_than_e16_small", "data_lets_more_experts_help")
     power_target = 0.5
+    benchmark = "expert_count"
 
     def runs(self, preset: Preset) -> list[Run]:
         """Per training-set size: the MoE model at each expert count of the preset, then the dense model. On all
@@ -287,30 +286,6 @@ class ExpertsData(Chapter):
         frame = pd.DataFrame.from_dict(rows, orient="index")
         if not frame.empty:
             frame.index = pd.MultiIndex.from_tuples(frame.index, names=["training set", "model"])
-        return frame
-
-    def throughput_table(self, device: str = "cpu") -> pd.DataFrame:
-        """The training step of the test bed at each expert count, from the benchmark of record
-        (``benchmarks/bench_expert_count.py`` -> ``results/benchmarks/<device>/expert_count.json``): parameters,
-        activated parameters and FLOPs per image, milliseconds per step of 128 images and the ratio to the dense
-        model's step, measured side by side. Empty if the benchmark has not been run on ``device``."""
-        path = _repo_root() / "results" / "benchmarks" / device / "expert_count.json"
-        if not path.exists():
-            return pd.DataFrame()
-        report = json.loads(path.read_text())
-        rows = {}
-        for row in report["rows"]:
-            rows[row["model"]] = {"params (k)": f"{row['params_total'] / 1e3:.0f}",
-                                  "activated (k)": f"{row['params_activated'] / 1e3:.0f}",
-                                  "MFLOPs / image": f"{row['flops_per_image'] / 1e6:.2f}",
-                                  "train step (ms)": f"{1e3 * row['step_s']:.1f}",
-                                  "vs dense": f"{row['vs_dense']:.2f}x",
-                                  "eval images / s": f"{row['eval_images_per_s']:.0f}"}
-        frame = pd.DataFrame.from_dict(rows, orient="index")
-        m = report["manifest"]
-        frame.attrs["caption"] = (f"Measured by `{m['command']}` at {str(m.get('git_sha') or '')[:7]} on "
-                                  f"{m.get('cpu_model') or m.get('platform')}, {m['torch_threads']} thread(s), "
-                                  f"minimum of {m['repeats']} interleaved repeats.")
         return frame
 
     # -- figures --------------------------------------------------------------------------------------------------
