@@ -15,7 +15,8 @@ import pandas as pd
 from .results import RunResult
 
 __all__ = ["correct_of", "bypass_correct_of", "routing_of", "load_cv", "runs_table", "summary_table", "final_metric",
-           "mean_sd_text", "format_mean_sd", "class_expert_information", "specialisation_of"]
+           "mean_sd_text", "format_mean_sd", "class_expert_information", "specialisation_of",
+           "superclasses_from_confusion"]
 
 
 def mean_sd_text(values: Sequence[float], unit: float = 100.0, digits: int = 2, signed: bool = False) -> str:
@@ -103,6 +104,42 @@ def specialisation_of(result: RunResult) -> float | None:
     if not tables:
         return None
     return float(np.mean([class_expert_information(t) for t in tables]))
+
+
+def superclasses_from_confusion(confusion: Sequence[Sequence[float]], groups: int) -> list[int]:
+    """Group classes that a model confuses with each other: Mobile V-MoE's super-classes (Sec. 3), one per expert.
+
+    ``confusion[i][j]`` counts images of class ``i`` predicted as ``j`` (a trained dense model on held-out images).
+    Rows are turned into rates, the rates symmetrised (how often ``i`` and ``j`` are mistaken for each other, either
+    way), and the classes clustered by average-linkage agglomeration on ``1 - affinity / max affinity`` into
+    ``groups`` clusters. Deterministic. Returns each class's super-class, numbered by the smallest class index in
+    each group (class 0 is in super-class 0).
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    from .errors import ConfigError
+
+    c = np.asarray(confusion, dtype=float)
+    if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] < 2 or not np.isfinite(c).all() or (c < 0).any():
+        raise ConfigError(f"confusion of shape {c.shape} is invalid; it must be a square matrix of counts >= 0 over "
+                          "at least 2 classes")
+    n = c.shape[0]
+    if not isinstance(groups, int) or isinstance(groups, bool) or not 1 <= groups <= n:
+        raise ConfigError(f"groups={groups!r} is invalid; it must be an int from 1 to the {n} classes")
+    rows = c.sum(axis=1, keepdims=True)
+    if (rows == 0).any():
+        raise ConfigError(f"confusion has no images for class(es) {np.flatnonzero(rows[:, 0] == 0).tolist()}; every "
+                          "class needs held-out images")
+    rate = c / rows
+    affinity = (rate + rate.T) / 2
+    np.fill_diagonal(affinity, 0.0)
+    top = affinity.max()
+    distance = 1.0 - (affinity / top if top > 0 else affinity)
+    np.fill_diagonal(distance, 0.0)
+    labels = fcluster(linkage(squareform(distance, checks=False), method="average"), t=groups, criterion="maxclust")
+    order = {label: rank for rank, label in enumerate(dict.fromkeys(labels.tolist()))}
+    return [order[label] for label in labels.tolist()]
 
 
 def final_metric(result: RunResult, metric: str = "test_accuracy") -> float:

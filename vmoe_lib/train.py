@@ -47,7 +47,7 @@ from .distributed.data_parallel import (
     wrap_model,
 )
 from .errors import ConfigError, check_bool, check_choice, check_positive, check_range
-from .layers.aux import collect_aux_loss
+from .layers.aux import collect_aux_loss, set_routing_labels
 from .models import create_model, list_models
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train_model", "evaluate", "resolve_device", "load_data_for", "make_optimizer",
@@ -540,6 +540,7 @@ def train_model(
 
     model.train()
     last_finite: float | None = None
+    label_routed = set_routing_labels(model, None)  # a super-class-guided router learns from each batch's labels
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         started = time.perf_counter()
@@ -551,11 +552,15 @@ def train_model(
         for images, labels in train_loader.epoch(epoch, start_step=state["step"]):
             if ctx is not None:
                 images, labels = ctx.shard(images), ctx.shard(labels)
+            if label_routed:
+                set_routing_labels(model, labels)
             with _autocast(dev, use_amp), data_parallel_noise(ctx):
                 logits = net(images)
                 task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
                 aux = collect_aux_loss(model)
                 loss = task_loss if aux is None else task_loss + aux
+            if label_routed:
+                set_routing_labels(model, None)
             task_value = task_loss.item()
             aux_value = aux.item() if aux is not None else 0.0
             correct = (logits.argmax(dim=-1) == labels).sum().item()

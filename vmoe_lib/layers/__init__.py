@@ -1,7 +1,7 @@
 """Reusable layers: the MoE layer (a timm ``Mlp`` drop-in), its expert bank, dispatch backends,
 shared expert, and the collection of auxiliary losses and routing statistics."""
 
-from .aux import collect_aux_loss
+from .aux import collect_aux_loss, set_routing_labels
 from .dispatch import BACKENDS, DispatchInfo, dispatch_combine, resolve_backend
 from .experts import EXPERT_INITS, ExpertBank, grouped_mm_supported
 from .moe import MoEMlp, SharedRouting, images_per_group
@@ -18,6 +18,7 @@ __all__ = [
     "SharedExpert",
     "SharedRouting",
     "collect_aux_loss",
+    "set_routing_labels",
     "collect_routing_stats",
     "dispatch_combine",
     "grouped_mm_supported",

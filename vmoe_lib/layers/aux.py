@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["collect_aux_loss"]
+__all__ = ["collect_aux_loss", "set_routing_labels"]
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
@@ -22,3 +22,15 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
         if isinstance(loss, torch.Tensor):
             total = loss if total is None else total + loss
     return total
+
+
+def set_routing_labels(model: nn.Module, labels: torch.Tensor | None) -> bool:
+    """Give every router that learns from class labels (``set_labels``: the super-class-guided per-image router)
+    this batch's ``labels``, or clear them with ``None``. Returns whether any router takes labels."""
+    found = False
+    for module in model.modules():
+        setter = getattr(module, "set_labels", None)
+        if callable(setter) and getattr(module, "superclasses", None) is not None:
+            setter(labels)
+            found = True
+    return found

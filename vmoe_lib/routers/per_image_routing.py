@@ -8,7 +8,9 @@ layers (that sharing is the MoE layers' job: see ``vmoe_lib.layers.moe.SharedRou
 The router can be guided by super-classes (Sec. 3, "semantic super-classes"):
 with per-image super-class labels in ``superclass_targets`` (one super-class per
 expert), the auxiliary loss adds ``superclass_loss_weight * CE(router logits, super-class)``
-(paper: 0.3), which replaces load balancing.
+(paper: 0.3), which replaces load balancing. Given ``superclasses`` (each class's
+super-class), the training engine sets the targets from each batch's labels through
+:meth:`PerImageRouter.set_labels` (see :func:`vmoe_lib.layers.set_routing_labels`).
 
 Choices the paper leaves open, made here and documented: the image representation is
 the mean over the group's tokens; combine weights are the raw softmax gates of the
@@ -43,6 +45,8 @@ class PerImageRouter(GatedRouter):
         renormalize: make the ``k`` combine weights of an image sum to 1.
         superclass_loss_weight: ``lambda`` of the guidance loss (paper: 0.3); used only when
             :attr:`superclass_targets` is set.
+        superclasses: each class's super-class (a list of ints in ``[0, E)``, one per class, e.g. from
+            :func:`vmoe_lib.analysis.superclasses_from_confusion`); ``None``: no guidance from labels.
         noise_std, gate, gate_hidden_dim: as :class:`.GatedRouter`.
         importance_loss_weight, load_loss_weight, balance_loss_weight, z_loss_weight: as
             :class:`.GatedRouter`; the balance losses treat the batch of images as one routing group.
@@ -66,6 +70,7 @@ class PerImageRouter(GatedRouter):
         gate: str = "linear",
         gate_hidden_dim: int | None = None,
         superclass_loss_weight: float = 0.3,
+        superclasses: list[int] | tuple[int, ...] | None = None,
         importance_loss_weight: float = 0.0,
         load_loss_weight: float = 0.0,
         balance_loss_weight: float = 0.0,
@@ -87,6 +92,28 @@ class PerImageRouter(GatedRouter):
         check_positive("superclass_loss_weight", superclass_loss_weight, allow_zero=True)
         self.superclass_loss_weight = float(superclass_loss_weight)
         self.superclass_targets: torch.Tensor | None = None
+        self.superclasses: tuple[int, ...] | None = None
+        if superclasses is not None:
+            ok = isinstance(superclasses, (list, tuple)) and len(superclasses) >= 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_experts for v in superclasses)
+            if not ok:
+                raise ConfigError(f"superclasses={superclasses!r} is invalid; it must be a list with each class's "
+                                  f"super-class, ints from 0 to {num_experts - 1} (one super-class per expert)")
+            self.superclasses = tuple(superclasses)
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Set :attr:`superclass_targets` from a batch's class labels (``LongTensor (G,)``, one image per group)
+        through :attr:`superclasses`; ``None`` clears them (evaluation). Without ``superclasses``: nothing."""
+        if self.superclasses is None:
+            return
+        if labels is None:
+            self.superclass_targets = None
+            return
+        table = torch.tensor(self.superclasses, dtype=torch.long, device=labels.device)
+        if labels.ndim != 1 or int(labels.min()) < 0 or int(labels.max()) >= len(table):
+            raise ConfigError(f"labels of shape {tuple(labels.shape)} with values {int(labels.min())}.."
+                              f"{int(labels.max())} do not fit superclasses of {len(table)} classes")
+        self.superclass_targets = table[labels]
 
     @property
     def k(self) -> int:
