@@ -301,6 +301,14 @@ class Bypassed(Measure):
         return mcnemar(np.stack([correct_of(r) for r in runs]), np.stack([bypass_correct_of(r) for r in runs]))
 
 
+def _seed_span(seeds: Sequence[int]) -> str:
+    """``0-5``, ``6-9``, ``0, 2, 4``: seeds as a short text."""
+    seeds = sorted(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def control_claim(run: str, *, family: str, min_effect: float, min_effect_why: str, claim_id: str | None = None,
                   label: str | None = None) -> Claim:
     """The positive control of an MoE run (``kind="control"``, measured by :class:`Bypassed`): its experts carry
@@ -734,11 +742,17 @@ class Chapter:
         from ..book import cell_text
 
         plan = self.plan(preset)
-        rows = {}
-        for s in plan.specs:
+        rows: dict[str, dict[str, Any]] = {}
+        for s in plan.specs:  # a run read from another chapter for some seeds has one spec per source
             kwargs = s.config.model_kwargs or {}
+            source = "this chapter" if s.chapter == self.name else f"{s.chapter} ({s.stored_as})"
+            if s.name in rows:
+                rows[s.name]["seeds"] += len(s.seeds)
+                rows[s.name]["from"] += f"; {source}: seeds {_seed_span(s.seeds)}"
+                continue
+            several = sum(t.name == s.name for t in plan.specs) > 1
             rows[s.name] = {"model": s.config.model, "epochs": s.config.epochs, "seeds": len(s.seeds),
-                            "from": "this chapter" if s.chapter == self.name else f"{s.chapter} ({s.stored_as})",
+                            "from": f"{source}: seeds {_seed_span(s.seeds)}" if several else source,
                             **{c: kwargs.get(c, "") for c in columns}}
         frame = pd.DataFrame.from_dict(rows, orient="index")
         same = [c for c in frame.columns if len(frame) > 1 and frame[c].map(cell_text).nunique() == 1]

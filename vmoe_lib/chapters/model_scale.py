@@ -400,8 +400,17 @@ class ModelScale(Chapter):
 
     @staticmethod
     def _label(run: str) -> str:
-        """``moe_w32`` -> ``w32``; ``moe_k2`` -> ``k = 2``: the short label of an MoE run in the figures."""
-        return run.removeprefix("moe_").replace("k", "k = ") if run.startswith("moe_k") else run.removeprefix("moe_")
+        """``moe_w32`` -> ``w32``; ``moe_k2`` -> ``k2``: the short label of an MoE run in the figures."""
+        return run.removeprefix("moe_")
+
+    def _annotate(self, ax, means: pd.DataFrame, column: str, color: str) -> None:
+        """Label the MoE means above their markers; models that share an x (the k runs' total parameters) get one
+        label over the highest of them."""
+        for x, group in means.groupby(column, sort=True):
+            label = ", ".join(self._label(run) for run in group.sort_values("accuracy").index)
+            ax.annotate(label, (x, group["accuracy"].max()), textcoords="offset points", xytext=(0, 9), ha="center",
+                        fontsize=10, color=color, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                                        "alpha": 0.85})
 
     def plot_frontier(self, results: ChapterResults):
         """Test accuracy against activated parameters (left) and total parameters (right): the dense models' frontier
@@ -420,9 +429,7 @@ class ModelScale(Chapter):
                 means = part.groupby("run").agg({column: "first", "accuracy": "mean"}).sort_values(column)
                 if moe:
                     ax.scatter(means[column], means["accuracy"], color=color, marker=marker, s=44, label=kind, zorder=3)
-                    for run, row in means.iterrows():
-                        ax.annotate(self._label(run), (row[column], row["accuracy"]), textcoords="offset points",
-                                    xytext=(6, -4), fontsize=10, color=color)
+                    self._annotate(ax, means, column, color)
                 else:
                     ax.plot(means[column], means["accuracy"], color=color, marker=marker, lw=1.6, label=kind)
             ax.set_xscale("log")
@@ -430,6 +437,8 @@ class ModelScale(Chapter):
             ax.set_xlabel(label)
         axes[0].set_ylabel("test accuracy (%)")
         axes[0].legend(loc="lower right", frameon=True)
+        low, high = axes[0].get_ylim()
+        axes[0].set_ylim(low, high + 0.06 * (high - low))  # room for the labels over the top markers
         fig.suptitle("Accuracy against parameters (points: seeds)")
         fig.tight_layout()
         return fig
@@ -520,6 +529,19 @@ class ModelScale(Chapter):
         if ks:
             lines.append(f"**Experts per token** at width {self.base_width(preset)}, test accuracy: " + ", ".join(ks)
                          + ".")
+        dense = dense_name(self.base_width(preset))
+        per_flop = []
+        for k, name in self.k_runs(preset).items():
+            a, b = results.paired(name, dense)
+            ratio = flops_ratio(results, name, dense)
+            if a and ratio:
+                per_flop.append(f"k = {k} {100 * np.mean(np.subtract(a, b)) / ratio:+.2f} ({ratio:.2f}x the FLOPs)")
+        if per_flop:
+            lines.append("**Gain over dense per unit of activated FLOPs** (points per dense model's FLOPs): "
+                         + ", ".join(per_flop) + ".")
+        best = max(((np.mean(results.values(n)), n) for n in results.by_name() if results.values(n)), default=None)
+        if best is not None:
+            lines.append(f"**Most accurate model**: {best[1]} ({100 * best[0]:.2f} %).")
         return "\n".join(f"* {line}" for line in lines)
 
 
