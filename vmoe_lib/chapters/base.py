@@ -761,19 +761,22 @@ class Chapter:
             out.attrs["caption"] = "Every run: " + "; ".join(f"{c} {cell_text(frame[c].iloc[0])}" for c in same) + "."
         return out
 
+    def benchmark_report(self, device: str = "cpu") -> dict[str, Any] | None:
+        """The chapter's sizing benchmark of record (``results/benchmarks/<device>/<benchmark>.json``, ``benchmark`` a
+        class attribute): its manifest and one row per model; ``None`` if there is none."""
+        from ..results import _repo_root
+
+        path = _repo_root() / "results" / "benchmarks" / device / f"{self.benchmark}.json" if self.benchmark else None
+        return json.loads(path.read_text()) if path is not None and path.exists() else None
+
     def throughput_table(self, device: str = "cpu") -> pd.DataFrame:
         """The training step of the chapter's models from its sizing benchmark of record (``benchmarks/bench_<name>.py``
         -> ``results/benchmarks/<device>/<benchmark>.json``, ``benchmark`` a class attribute): parameters, activated
         parameters and FLOPs per image, milliseconds per step of 128 images and the ratio to the dense model's step,
         measured side by side. Empty if the chapter has no benchmark or it has not been run on ``device``."""
-        from ..results import _repo_root
-
-        if not self.benchmark:
+        report = self.benchmark_report(device)
+        if report is None:
             return pd.DataFrame()
-        path = _repo_root() / "results" / "benchmarks" / device / f"{self.benchmark}.json"
-        if not path.exists():
-            return pd.DataFrame()
-        report = json.loads(path.read_text())
         rows = {}
         for row in report["rows"]:
             rows[row["model"]] = {"params (k)": f"{row['params_total'] / 1e3:.0f}",

@@ -87,7 +87,7 @@ PRESETS: dict[str, Preset] = {
         description="every code path: widths 16, 32 and 64 (dense and MoE) and k = 1, 2, 4 at width 64, on 2,048 "
                     "Fashion-MNIST images, 1 epoch, 2 seeds (CI)",
         hardware="CPU, 2 cores", expected_minutes=1.5, seeds=(0, 1),
-        settings={"widths": (16, 32, 64), "base_width": 64, "head_channels": 16, "k_seeds": None,
+        settings={"widths": (16, 32, 64), "base_width": 64, "head_channels": 16,
                   "probe_images": 1000},
     ),
     "cpu": Preset(
@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {
         # 1.81x, k = 4 2.76x; a width-128 pair costs about 2.6x the width-64 pair): widths 16-32-64 (14k to 205k
         # parameters, 14x) fit the 90-minute budget with 10 seeds everywhere (72 min estimated from the runs' step
         # times and chapters 1 and 4's measured run times); widths 32-64-128 (or 96) do not, nor 12 seeds.
-        settings={"widths": (16, 32, 64), "base_width": 64, "head_channels": 16, "k_seeds": None,
+        settings={"widths": (16, 32, 64), "base_width": 64, "head_channels": 16,
                   "probe_images": None},
     ),
     "gpu": Preset(
@@ -110,7 +110,7 @@ PRESETS: dict[str, Preset] = {
                     "widths 128, 192 and 384, against the dense model of each width, and k = 1, 2, 4 at width 192, "
                     "60 epochs, 3 seeds (needs CIFAR-100: see the data section)",
         hardware="1 GPU (estimated, not yet measured), bf16 autocast", expected_minutes=300.0, seeds=(0, 1, 2),
-        settings={"widths": (128, 192, 384), "base_width": 192, "head_channels": 64, "k_seeds": None,
+        settings={"widths": (128, 192, 384), "base_width": 192, "head_channels": 64,
                   "probe_images": None},
     ),
 }
@@ -157,15 +157,11 @@ class GainPerFlop(Measure):
 
     def __call__(self, claim: Claim, results: ChapterResults) -> TestResult | None:
         dense = results.by_seed(self.dense)
-        if not results.runs_of(self.dense):
-            return None
-        f_dense = results.runs_of(self.dense)[0].record["costs"]["flops_per_image"]
         per = {}
         for name in (self.a, self.b):
-            runs = results.runs_of(name)
-            if not runs:
+            ratio = flops_ratio(results, name, self.dense)
+            if ratio is None:
                 return None
-            ratio = runs[0].record["costs"]["flops_per_image"] / f_dense
             per[name] = {s: (v - dense[s]) / ratio for s, v in results.by_seed(name).items() if s in dense}
         seeds = sorted(set(per[self.a]) & set(per[self.b]))
         if len(seeds) < 2:
@@ -224,10 +220,8 @@ class ModelScale(Chapter):
             out.append(Run(dense_name(w), size_config(dense, w, base, heads), borrow_from=None if mine else dense_from))
             out.append(Run(moe_name(w), size_config(moe, w, base, heads), probe=probe,
                            borrow_from=None if mine else moe_from))
-        k_seeds = preset.settings.get("k_seeds")
-        out.append(Run("moe_k2", k2, k_seeds, probe=probe, borrow_from=k2_from))
-        k4 = k2.replace(model_kwargs={**k2.model_kwargs, "k": 4})
-        out.append(Run("moe_k4", k4, k_seeds, probe=probe))
+        out.append(Run("moe_k2", k2, probe=probe, borrow_from=k2_from))
+        out.append(Run("moe_k4", k2.replace(model_kwargs={**k2.model_kwargs, "k": 4}), probe=probe))
         return out
 
     def claims(self, preset: str) -> list[Claim]:
@@ -335,8 +329,9 @@ class ModelScale(Chapter):
         d, e = 100 * float(np.std(gain, ddof=1)), 100 * float(np.std(step, ddof=1))
         x = np.log2(np.array(list(self.dense_params(preset).values()), dtype=float))
         slope_sd = d / float(np.sqrt(((x - x.mean()) ** 2).sum()))
-        # FLOP ratios of k = 1, 2, 4 to the dense model at the test bed's width (bench_model_scale; 0.91, 1.54, 2.83)
-        r1, r2, r4 = 0.91, 1.54, 2.83
+        # FLOPs of k = 1, 2, 4 relative to the dense model at the test bed's width, from the sizing benchmark's record
+        rows = {row["model"]: row["flops_per_image"] for row in self.benchmark_report()["rows"]}
+        r1, r2, r4 = (rows[self.k_runs(preset)[k]] / rows["dense"] for k in (1, 2, 4))
         sigma = e / np.sqrt(2)
 
         def per_flop_sd(ra: float, rb: float) -> float:
