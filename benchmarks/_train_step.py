@@ -4,7 +4,7 @@
 per image), and times one training step of 128 images (forward, loss with the auxiliary loss, backward, the engine's
 AdamW step) and the evaluation throughput (no gradients, batches of 1000), interleaved across the models, the
 minimum over the repeats kept, on random images of the chapter's shape. ``main`` is the command line of a benchmark
-that names its configs (``bench_expert_count.py``, ``bench_model_scale.py``).
+that names its configs (``bench_expert_count.py``, ``bench_model_scale.py``, ``bench_image_routing.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def measure(configs: dict[str, Any], command: str, repeats: int, device: str, re
 
     from bench_moe import Device, interleaved_times, load_average
     from vmoe_lib.costs import model_costs
-    from vmoe_lib.layers import collect_aux_loss
+    from vmoe_lib.layers import collect_aux_loss, set_routing_labels
     from vmoe_lib.models import create_model
     from vmoe_lib.numerics import apply_threads_from_env, cpu_info
     from vmoe_lib.train import make_optimizer
@@ -59,11 +59,17 @@ def measure(configs: dict[str, Any], command: str, repeats: int, device: str, re
         costs[name] = model_costs(model, (1, *shape))
         opt = make_optimizer(model, config)
 
-        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+        labelled = set_routing_labels(model, None)  # a super-class-guided router learns from the labels, as in training
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt, labelled: bool = labelled) -> None:
             model.train()
             opt.zero_grad(set_to_none=True)
+            if labelled:
+                set_routing_labels(model, y)
             loss = nn.functional.cross_entropy(model(x), y)
             aux = collect_aux_loss(model)
+            if labelled:
+                set_routing_labels(model, None)
             (loss if aux is None else loss + aux).backward()
             opt.step()
 

@@ -6,6 +6,7 @@ import pytest
 
 from vmoe_lib.chapters import CHAPTERS, get_chapter
 from vmoe_lib.errors import ConfigError
+from vmoe_lib.results import MissingResultError
 
 CHAPTER_NAMES = sorted(CHAPTERS)
 
@@ -23,6 +24,14 @@ def test_presets_are_complete(name):
     assert {"smoke", "cpu", "gpu"} <= set(chapter.presets)
     for preset in chapter.presets.values():
         assert preset.hardware and preset.expected_minutes > 0 and preset.seeds
+        first = chapter.prerequisites(preset)
+        if first and preset.name == "gpu":
+            # A two-stage chapter plans its runs from its prerequisites' records, which only a GPU run makes: the
+            # plan says which command makes them, and the prerequisites themselves are valid configs.
+            with pytest.raises(MissingResultError, match=f"python -m vmoe_lib run {name} --preset gpu"):
+                chapter.experiment(preset.name)
+            assert all(r.config.epochs > 0 for r in first)
+            continue
         configs = chapter.experiment(preset.name)
         assert configs, f"{name}/{preset.name} has an empty sweep"
     smoke, cpu = chapter.experiment("smoke"), chapter.experiment("cpu")

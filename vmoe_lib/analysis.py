@@ -138,6 +138,9 @@ def superclasses_from_confusion(confusion: Sequence[Sequence[float]], groups: in
     distance = 1.0 - (affinity / top if top > 0 else affinity)
     np.fill_diagonal(distance, 0.0)
     labels = fcluster(linkage(squareform(distance, checks=False), method="average"), t=groups, criterion="maxclust")
+    if len(set(labels.tolist())) != groups:  # tied merge heights can leave fewer clusters than asked for
+        raise ConfigError(f"the confusion cannot be cut into exactly groups={groups} super-classes (tied confusion "
+                          f"rates give {len(set(labels.tolist()))}); choose another number of groups")
     order = {label: rank for rank, label in enumerate(dict.fromkeys(labels.tolist()))}
     return [order[label] for label in labels.tolist()]
 

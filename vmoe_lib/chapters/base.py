@@ -519,6 +519,25 @@ class Chapter:
         """The chapter's claims for ``preset``, declared before any result is read, each with its measure."""
         raise NotImplementedError
 
+    def prerequisites(self, preset: Preset) -> list[Run]:
+        """Runs whose records :meth:`runs` computes other runs' configs from (a two-stage design, e.g. super-classes
+        clustered from a trained model's confusion matrix). :meth:`run` trains them first, then resolves the plan;
+        :meth:`runs` lists them too, so they are shown and verified with the others. They keep their own seeds and
+        configs whatever ``seeds`` and ``overrides`` say (they are part of the preset's design). Default: none."""
+        return []
+
+    def _prerequisite_specs(self, p: Preset) -> list[RunSpec]:
+        return [RunSpec(r.name, r.config, tuple(r.seeds) if r.seeds is not None else tuple(p.seeds), self.name,
+                        extra_eval=r.probe, hash_extra=_probe_hash(r.probe)) for r in self.prerequisites(p)]
+
+    def prerequisite_results(self, preset: str) -> ChapterResults:
+        """The stored records of :meth:`prerequisites` (read, never trained): a missing one raises
+        :class:`~vmoe_lib.results.MissingResultError` naming the command that makes it (``run`` trains it first)."""
+        p = self.preset(preset)
+        results = load_runs(self._prerequisite_specs(p), p.name, progress=False, require=True,
+                            regenerate=regenerate_command(self.name, preset))
+        return ChapterResults(self.name, p.name, results, of_record=True)
+
     def display_order(self, names: Sequence[str]) -> list[str]:
         """The order runs are shown in (default: as declared)."""
         return list(names)
@@ -544,10 +563,12 @@ class Chapter:
             raise ConfigError(f"chapter {self.name!r} declares run names twice: {sorted({n for n in names if names.count(n) > 1})}")
         notes: list[str] = []
         configs = apply_overrides({r.name: r.config for r in declared}, overrides, notes)
+        fixed = {r.name for r in self.prerequisites(p)}  # the preset's design: neither seeds nor overrides apply
+        configs.update({r.name: r.config for r in declared if r.name in fixed})
         specs, of_record = [], not overrides
         for r in declared:
             own = tuple(r.seeds) if r.seeds is not None else tuple(p.seeds)
-            chosen = tuple(seeds) if seeds else own
+            chosen = tuple(seeds) if seeds and r.name not in fixed else own
             of_record = of_record and sorted(chosen) == sorted(own)
             lent = self._lender(r, preset)
             if not lent:
@@ -618,6 +639,11 @@ class Chapter:
         check_choice("executor", executor, EXECUTORS)
         check_device(device, here=executor != "slurm")  # a bad value fails here, before anything loads
         resolve_workers(workers, device)
+        parse_seeds(seeds), parse_overrides(overrides)  # bad values fail before the prerequisites train
+        first = self._prerequisite_specs(self.preset(preset))
+        if first:  # a two-stage design: the runs the plan is computed from, trained (or read) first
+            load_runs(first, preset, device=device, progress=progress, executor=executor, workers=workers,
+                      slurm=slurm, regenerate=regenerate_command(self.name, preset))
         plan = self.plan(preset, seeds, overrides)
         for note in plan.notes:
             print(note, flush=True)

@@ -19,30 +19,31 @@ from ..layers.stats import moe_layers, record_routing
 from ..predictions import pack_bits
 from ..train import _autocast
 
-__all__ = ["eval_loader", "recorded_eval", "routing_record", "RoutingStatsProbe"]
+__all__ = ["eval_loader", "recorded_eval", "routing_record", "RoutingStatsProbe", "ConfusionProbe"]
 
 
 def eval_loader(data: ImageDataset, device: torch.device, images: int | None = None,
-                batch_size: int = 1000) -> BatchLoader:
-    """The test split (its first ``images`` images; ``None``: all), normalised as in training."""
-    x, y = data.split("test")
+                batch_size: int = 1000, split: str = "test") -> BatchLoader:
+    """The ``split`` (default the test split; its first ``images`` images, ``None``: all), normalised as in
+    training."""
+    x, y = data.split(split)
     if images is not None:
         x, y = x[:images], y[:images]
     return BatchLoader(x, y, batch_size=batch_size, mean=data.mean, std=data.std, device=device)
 
 
-def recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int | None,
-                  bits: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int | None, bits: bool = False,
+                  experts_per_image: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Evaluate ``model`` on ``loader`` while recording every MoE layer's routing.
 
     Returns ``(metrics, routing)``: ``metrics`` holds the loss and accuracy (and, with ``bits``, which
     images were right, packed); ``routing`` is :meth:`~vmoe_lib.layers.stats.RoutingRecorder.summary`
     (per layer: expert load, dropped fraction, experts per token, gate entropy and, with
-    ``num_classes``, the class x expert table).
+    ``num_classes``, the class x expert table; with ``experts_per_image``, the distinct experts per image).
     """
     model.eval()
     hits = []
-    with torch.no_grad(), record_routing(model, num_classes) as rec:
+    with torch.no_grad(), record_routing(model, num_classes, experts_per_image) as rec:
         loss_sum, count = 0.0, 0
         for images, labels in loader:
             rec.labels = labels
@@ -58,14 +59,14 @@ def recorded_eval(model: nn.Module, loader: BatchLoader, num_classes: int | None
     return metrics, rec.summary()
 
 
-def routing_record(model: nn.Module, data: ImageDataset, device: torch.device,
-                   images: int | None = None) -> tuple[BatchLoader, dict[str, Any]] | None:
+def routing_record(model: nn.Module, data: ImageDataset, device: torch.device, images: int | None = None,
+                   experts_per_image: bool = False) -> tuple[BatchLoader, dict[str, Any]] | None:
     """What every routing probe stores first: ``(loader, {"probe": {"images", "loss", "accuracy"}, "routing": ...})``
     over the first ``images`` test images at the model's trained settings; ``None`` for a model without MoE layers."""
     if not moe_layers(model):
         return None
     loader = eval_loader(data, device, images)
-    metrics, stats = recorded_eval(model, loader, data.num_classes)
+    metrics, stats = recorded_eval(model, loader, data.num_classes, experts_per_image=experts_per_image)
     return loader, {"probe": {"images": loader.images.shape[0], **metrics}, "routing": stats}
 
 
@@ -84,10 +85,13 @@ class RoutingStatsProbe:
         probe_images: evaluate on the first ``n`` test images (``None``: all).
         capacity_factors: extra inference capacity factors to measure the routing at (e.g. ``(1.0,)``, the
             training capacity factor of the book's test bed). Only for routers with a capacity factor.
+        experts_per_image: also store each layer's ``mean_experts_per_image`` (distinct experts an image's tokens
+            reach), from which a chapter counts the parameters one image activates.
     """
 
     probe_images: int | None = None
     capacity_factors: tuple[float, ...] = ()
+    experts_per_image: bool = False
 
     def settings(self) -> dict[str, Any]:
         """The probe's settings as JSON values (they enter the results key)."""
@@ -96,12 +100,14 @@ class RoutingStatsProbe:
             d.pop("capacity_factors")  # the key of probes made before the field existed
         else:
             d["capacity_factors"] = [float(cf) for cf in d["capacity_factors"]]
+        if not d["experts_per_image"]:
+            d.pop("experts_per_image")  # likewise
         return {"routing_stats": d}
 
     def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
         from ..models.moe_utils import set_routing
 
-        first = routing_record(model, data, device, self.probe_images)
+        first = routing_record(model, data, device, self.probe_images, self.experts_per_image)
         if first is None:
             return {}
         loader, out = first
@@ -118,4 +124,51 @@ class RoutingStatsProbe:
                 for r, cf in zip(routers, original):
                     r.eval_capacity_factor = cf
             out["routing_at_capacity"] = at
+        return out
+
+
+@dataclass(frozen=True)
+class ConfusionProbe:
+    """The confusion matrix of a trained model on held-out images: what Mobile V-MoE clusters into super-classes.
+
+    Stores ``{"confusion": {"split", "images", "accuracy", "matrix", "class_names"}}``: ``matrix[i][j]`` counts the
+    ``split``'s images of class ``i`` predicted as ``j``, over all its images (the validation split by default: the
+    test split stays unseen by every choice a chapter makes). Where the dataset has coarse labels (CIFAR-100's 20),
+    also ``"coarse_of_class"``: each class's coarse label, read from the training split (every image of a class has
+    the same one).
+
+    Args:
+        split: ``"val"`` (default) or ``"test"``.
+    """
+
+    split: str = "val"
+
+    def __post_init__(self) -> None:
+        from ..errors import check_choice
+
+        check_choice("split", self.split, ("val", "test"))
+
+    def settings(self) -> dict[str, Any]:
+        """The probe's settings as JSON values (they enter the results key)."""
+        return {"confusion": asdict(self)}
+
+    def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
+        loader = eval_loader(data, device, split=self.split)
+        n = data.num_classes
+        matrix = torch.zeros(n, n, dtype=torch.long)
+        model.eval()
+        with torch.no_grad():
+            for images, labels in loader:
+                with _autocast(images.device, True):
+                    predicted = model(images).float().argmax(-1)
+                matrix += torch.bincount(labels.cpu() * n + predicted.cpu(), minlength=n * n).view(n, n)
+        out: dict[str, Any] = {"confusion": {
+            "split": self.split, "images": int(matrix.sum()), "accuracy": float(matrix.diag().sum() / matrix.sum()),
+            "matrix": matrix.tolist(), "class_names": list(data.class_names)}}
+        coarse = data.extra_labels.get("coarse") if data.extra_labels else None
+        if coarse is not None:
+            _, fine = data.split("train")
+            table = torch.full((n,), -1, dtype=torch.long)
+            table[fine.cpu()] = coarse["train"].cpu()
+            out["coarse_of_class"] = table.tolist()
         return out

@@ -9,7 +9,9 @@ Two levels, both read from :class:`~vmoe_lib.layers.moe.MoEMlp` layers:
   batches, per layer: the load of each expert, the fraction of tokens dropped,
   a histogram of experts per token, the mean entropy of the tokens' gate
   distributions (when the router reports it) and, given labels, which experts each
-  class's tokens go to (ViMoE's routing analysis, arXiv:2410.15732, Sec. 4).
+  class's tokens go to (ViMoE's routing analysis, arXiv:2410.15732, Sec. 4) and,
+  with ``experts_per_image``, how many distinct experts an image's tokens reach
+  (the parameters one image activates: Mobile V-MoE, arXiv:2309.04354).
   Layers only do this work while a recorder is attached: when off, the cost is
   one ``is None`` test per layer and forward.
 
@@ -64,6 +66,8 @@ class _LayerRecord:
         self.entropy_sum = 0.0  # token-weighted sum of the router's mean gate entropy per forward (nats)
         self.entropy_tokens = 0
         self.class_expert = None if recorder.num_classes is None else torch.zeros(recorder.num_classes, E, dtype=torch.float64)
+        self.images = 0
+        self.image_expert_pairs = 0  # distinct (image, expert) pairs: summed experts per image
 
     @torch.no_grad()
     def update(self, routing: Routing, images_per_group: int, tokens_per_image: int) -> None:
@@ -86,8 +90,11 @@ class _LayerRecord:
             self.experts_per_token += torch.bincount(per_token.clamp(max=E), minlength=E + 1).double()
             self.dropped += int((per_token == 0).sum())
             self.expert_load += torch.bincount(expert, minlength=E).double()
+            image = routing.group_index.cpu() * images_per_group + routing.token_index.cpu() // tokens_per_image
+            if self.recorder.experts_per_image:
+                self.images += G * images_per_group
+                self.image_expert_pairs += int(torch.unique(image * E + expert).numel())
             if labels is not None and self.class_expert is not None:
-                image = routing.group_index.cpu() * images_per_group + routing.token_index.cpu() // tokens_per_image
                 self.class_expert.index_put_((labels[image], expert), torch.ones(expert.numel(), dtype=torch.float64), accumulate=True)
         else:
             share = routing.combine_dense.detach().sum(-1).double().cpu()  # (G, S, E)
@@ -110,6 +117,9 @@ class _LayerRecord:
         if self.entropy_tokens:
             # Mean entropy (nats) of a token's gate distribution over the E experts: log(E) is uniform, 0 one-hot.
             out["gate_entropy"] = self.entropy_sum / self.entropy_tokens
+        if self.images:
+            # Distinct experts an image's tokens reach in this layer (dropped tokens reach none).
+            out["mean_experts_per_image"] = self.image_expert_pairs / self.images
         if self.class_expert is not None:
             rows = self.class_expert.sum(1, keepdim=True).clamp(min=1e-12)
             out["class_expert"] = (self.class_expert / rows).tolist()  # row c: where class c's tokens go
@@ -126,11 +136,15 @@ class RoutingRecorder:
                 rec.labels = labels   # optional: enables the class x expert table
                 model(images)
         table = rec.summary()         # {layer name: {...}}
+
+    ``experts_per_image=True`` adds ``mean_experts_per_image`` to each sparse layer's summary: the mean number of
+    distinct experts an image's tokens reach (1 for per-image routing with k = 1; up to ``E`` for per-token routing).
     """
 
-    def __init__(self, model: nn.Module, num_classes: int | None = None) -> None:
+    def __init__(self, model: nn.Module, num_classes: int | None = None, experts_per_image: bool = False) -> None:
         self.model = model
         self.num_classes = num_classes
+        self.experts_per_image = bool(experts_per_image)
         self.labels: torch.Tensor | None = None
         self.records: dict[str, _LayerRecord] = {}
         self._layers = moe_layers(model)
@@ -151,6 +165,6 @@ class RoutingRecorder:
         return {name: {"layer": layer_index[name], **rec.summary()} for name, rec in self.records.items()}
 
 
-def record_routing(model: nn.Module, num_classes: int | None = None) -> RoutingRecorder:
+def record_routing(model: nn.Module, num_classes: int | None = None, experts_per_image: bool = False) -> RoutingRecorder:
     """Shorthand for :class:`RoutingRecorder` (``with record_routing(model, 10) as rec: ...``)."""
-    return RoutingRecorder(model, num_classes)
+    return RoutingRecorder(model, num_classes, experts_per_image)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from .dense import DENSE_CONVNEXT_SIZES
-from .moe_utils import mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
+from .moe_utils import check_class_token_routing, mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
 from .placement import describe_layers, resolve_stage_moe_layers
 from .timm_contract import moe_pretrained_cfg
 
@@ -59,6 +59,7 @@ def moe_convnext_from_dense(dense: nn.Module, *, name: str = "", dense_name: str
     names = [f"stages.{s}.blocks.{b}.mlp" for s, d in enumerate(stage_depths) for b in range(d)]
     layers = resolve_stage_moe_layers(moe["moe_layers"], stage_depths)
     options = {key: v for key, v in moe.items() if key != "moe_layers"}
+    check_class_token_routing(moe, False, name)
     created = replace_mlps(blocks, layers, block_names=names, **options)
     config = moe_model_config(name, dense_name, moe, model_kwargs or {}, layers, created, describe_layers(layers, stage_depths))
     config["stage_depths"] = stage_depths

@@ -167,6 +167,16 @@ def replace_mlps(
     return created
 
 
+def check_class_token_routing(moe: dict[str, Any], has_class_token: bool, name: str) -> None:
+    """Refuse a per-image router told to read the class token (``route_from="class_token"``) in a model that has
+    none (a ViT built with ``class_token=False``, a ConvNeXt): its first token would be an ordinary patch."""
+    options = moe.get("router_options") or {}
+    if moe.get("router") == "per_image" and isinstance(options, dict) and options.get("route_from") == "class_token" \
+            and not has_class_token:
+        raise ConfigError(f"router_options['route_from']='class_token' is invalid for {name or 'this model'}: it has no "
+                          "class token; use route_from='mean' (the mean of the image's tokens)")
+
+
 def _fixed_repr(text: str) -> str:
     return text
 

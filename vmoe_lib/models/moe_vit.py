@@ -40,7 +40,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from .dense import DENSE_VIT_SIZES
-from .moe_utils import mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
+from .moe_utils import check_class_token_routing, mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
 from .placement import describe_layers, resolve_moe_layers
 from .timm_contract import moe_pretrained_cfg
 
@@ -64,6 +64,7 @@ def moe_vit_from_dense(dense: nn.Module, *, name: str = "", dense_name: str = ""
     placement = moe["moe_layers"]
     layers = resolve_moe_layers(placement, depth)
     options = {key: v for key, v in moe.items() if key != "moe_layers"}
+    check_class_token_routing(moe, getattr(dense, "cls_token", None) is not None, name)
     created = replace_mlps(list(dense.blocks), layers, block_names=[f"blocks.{i}.mlp" for i in range(depth)], **options)
     mark_moe_model(dense, moe_model_config(name, dense_name, moe, model_kwargs or {}, layers, created, describe_layers(layers)))
     return dense

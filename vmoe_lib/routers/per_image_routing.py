@@ -12,8 +12,10 @@ expert), the auxiliary loss adds ``superclass_loss_weight * CE(router logits, su
 super-class), the training engine sets the targets from each batch's labels through
 :meth:`PerImageRouter.set_labels` (see :func:`vmoe_lib.layers.set_routing_labels`).
 
-Choices the paper leaves open, made here and documented: the image representation is
-the mean over the group's tokens; combine weights are the raw softmax gates of the
+The image representation is, by default, the mean over the image's tokens entering the
+leading MoE layer; ``route_from="class_token"`` reads the image's first token instead, which in
+a ViT with a class token is that token (the paper's choice: the router reads the class token
+after the dense blocks). Choices the paper leaves open, made here and documented: combine weights are the raw softmax gates of the
 chosen experts (as V-MoE; ``renormalize=True`` to make them sum to 1); no training
 noise by default; balance losses are available but off.
 """
@@ -22,14 +24,17 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError, check_positive
+from ..errors import ConfigError, check_choice, check_positive
 from .base import Routing
 from .losses import balance_loss, importance_loss, load_loss, superclass_loss, z_loss
 from .ops import Setting, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
 from .router import GatedRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
-__all__ = ["PerImageRouter"]
+__all__ = ["PerImageRouter", "ROUTE_FROM"]
+
+#: What a per-image router reads: the mean of the image's tokens, or its first token (a ViT's class token).
+ROUTE_FROM = ("mean", "class_token")
 
 
 class PerImageRouter(GatedRouter):
@@ -47,6 +52,8 @@ class PerImageRouter(GatedRouter):
             :attr:`superclass_targets` is set.
         superclasses: each class's super-class (a list of ints in ``[0, E)``, one per class, e.g. from
             :func:`vmoe_lib.analysis.superclasses_from_confusion`); ``None``: no guidance from labels.
+        route_from: ``"mean"`` (the mean of the image's tokens) or ``"class_token"`` (its first token: a ViT's
+            class token; MoE ViTs without one and ConvNeXts refuse it).
         noise_std, gate, gate_hidden_dim: as :class:`.GatedRouter`.
         importance_loss_weight, load_loss_weight, balance_loss_weight, z_loss_weight: as
             :class:`.GatedRouter`; the balance losses treat the batch of images as one routing group.
@@ -71,6 +78,7 @@ class PerImageRouter(GatedRouter):
         gate_hidden_dim: int | None = None,
         superclass_loss_weight: float = 0.3,
         superclasses: list[int] | tuple[int, ...] | None = None,
+        route_from: str = "mean",
         importance_loss_weight: float = 0.0,
         load_loss_weight: float = 0.0,
         balance_loss_weight: float = 0.0,
@@ -92,6 +100,8 @@ class PerImageRouter(GatedRouter):
         check_positive("superclass_loss_weight", superclass_loss_weight, allow_zero=True)
         self.superclass_loss_weight = float(superclass_loss_weight)
         self.superclass_targets: torch.Tensor | None = None
+        check_choice("route_from", route_from, ROUTE_FROM)
+        self.route_from = route_from
         self.superclasses: tuple[int, ...] | None = None
         if superclasses is not None:
             ok = isinstance(superclasses, (list, tuple)) and len(superclasses) >= 2 and all(
@@ -128,10 +138,12 @@ class PerImageRouter(GatedRouter):
         return {**super().loss_weights(), "superclass_loss": self.superclass_loss_weight}
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """Route ``x: (G, S, D)``, one image per group, from the mean of its tokens."""
+        """Route ``x: (G, S, D)``, one image per group, from the mean of its tokens or its first token
+        (``route_from``)."""
         check_rank3("x", x, self.dim)
         with float32_math(x.device):
-            routing = self.route_images(x.float().mean(dim=1), x.shape[1], dtype=x.dtype)
+            image = x[:, 0].float() if self.route_from == "class_token" else x.float().mean(dim=1)
+            routing = self.route_images(image, x.shape[1], dtype=x.dtype)
         return routing
 
     def route_images(self, image_repr: torch.Tensor, group_size: int, dtype: torch.dtype | None = None) -> Routing:
