@@ -88,12 +88,15 @@ PRESETS: dict[str, Preset] = {
         description="chapter 5's ViTs (depth 4, patch 7) at widths 16 and 64 with their last 2 blocks MoE (4 experts, "
                     "one per super-class, k = 1): per-image routing guided by super-classes from the width-64 dense "
                     "model's validation confusion, against the dense model of each width; end-to-end per-image and "
-                    "per-token routing at width 64; Fashion-MNIST 28x28, 55k train images, 3 epochs, 10 seeds",
-        hardware="CPU, 2 cores, 2 workers x 1 thread, pinned numerics (estimated 42 min before the sweep)",
-        expected_minutes=42.0, seeds=tuple(range(10)),
-        # Sized from benchmarks/bench_image_routing.py (train step relative to the dense width-64 model) and chapter
-        # 5's measured run times: 10 seeds of the 4 MoE runs and the source run take about 42 min on 2 workers; the
-        # dense models (10 seeds each) are chapter 5's.
+                    "per-token routing at width 64; Fashion-MNIST 28x28, 55k train images, 3 epochs, 16 seeds",
+        hardware="CPU, 2 cores, 2 workers x 1 thread, pinned numerics (estimated 73 min before the sweep)",
+        expected_minutes=73.0, seeds=tuple(range(16)),
+        # Sized from benchmarks/bench_image_routing.py (train step relative to the dense width-64 model: guided and
+        # end-to-end per-image 1.08x, per-token 1.12x, per-image at width 16 0.29x) and chapter 5's measured run times
+        # (dense width 64: 2.2 min a run): a seed of the 4 MoE runs costs about 7.8 worker-minutes, the dense models'
+        # seeds 10-15 (chapter 5 has 0-9) 2.7 more each; 16 seeds and the source run take about 73 min on 2 workers.
+        # 16 seeds bring the MDE of (b) and (c) to their 0.3-point bar and (a) to about 0.5 (planned_power); 10 would
+        # leave every claim's MDE above its bar.
         settings={"widths": (16, 64), "base_width": 64, "experts": 4, "superclass_sources": ("confusion",),
                   "probe_images": None},
     ),
@@ -328,8 +331,8 @@ class ImageRouting(Chapter):
             contrast=f"({run_name('image_sc', small)} - {dense_name(small)}) - ({run_name('image_sc', big)} - "
                      f"{dense_name(big)})",
             test="interaction", min_effect=SIZE_MIN_EFFECT,
-            min_effect_why="the paper's two sizes differ by 1.3 points (+4.66 vs +3.39); 0.5 is the smallest "
-                           "difference of gains this chapter's 10 seeds can show",
+            min_effect_why="the paper's two sizes differ by 1.3 points (+4.66 vs +3.39); 0.5, the bar of claim "
+                           "(a)'s gains",
             family=FAMILY_A2, paired=True, control=f"experts_carry_weight_{run_name('image_sc', small)}",
             measure=SeedPairedInteraction(run_name("image_sc", small), dense_name(small), run_name("image_sc", big),
                                           dense_name(big)),
