@@ -19,7 +19,7 @@ def test_unknown_chapter_and_preset_are_clear_errors():
 
 
 @pytest.mark.parametrize("name", CHAPTER_NAMES)
-def test_presets_are_complete(name):
+def test_presets_are_complete(name, monkeypatch):
     chapter = get_chapter(name)
     assert {"smoke", "cpu", "gpu"} <= set(chapter.presets)
     for preset in chapter.presets.values():
@@ -32,8 +32,17 @@ def test_presets_are_complete(name):
                 chapter.experiment(preset.name)
             assert all(r.config.epochs > 0 for r in first)
             continue
+        if first and preset.name == "smoke":
+            # The smoke preset's prerequisites are made by running it (CI does, in the notebook); planned here from
+            # the committed cpu ones, whose records have the same form.
+            of_record = chapter.prerequisite_results("cpu")
+            monkeypatch.setattr(chapter, "prerequisite_results", lambda preset, _r=of_record: _r)
         configs = chapter.experiment(preset.name)
+        monkeypatch.undo()
         assert configs, f"{name}/{preset.name} has an empty sweep"
+    if chapter.prerequisites(chapter.preset("smoke")):
+        of_record = chapter.prerequisite_results("cpu")
+        monkeypatch.setattr(chapter, "prerequisite_results", lambda preset, _r=of_record: _r)
     smoke, cpu = chapter.experiment("smoke"), chapter.experiment("cpu")
     # The smoke preset exercises the same models as the preset of record, on less data.
     assert {c.model for c in smoke.values()} == {c.model for c in cpu.values()}

@@ -88,6 +88,7 @@ class ScoreboardRow:
     control: str | None = None  # the id of the positive control it depends on
     test: str = ""
     exploratory: str = ""
+    metric: str = "test_accuracy"  # what the effect measures
 
     @property
     def key(self) -> str:
@@ -210,6 +211,7 @@ def scoreboard(preset: str = "cpu", *, root: str | Path | None = None) -> list[S
                 interval=tuple(float(x) for x in r["interval"]) if r.get("interval") else None,
                 paper=r.get("paper"), same_as=r.get("same_as"), why=r.get("why", ""), control=r.get("control"),
                 test=r.get("test", ""), exploratory=r.get("exploratory", ""),
+                metric=r.get("metric", "test_accuracy"),
             ))
     return rows
 
@@ -268,11 +270,14 @@ def _bar(r: ScoreboardRow) -> str:
 
 
 def control_text(control: ScoreboardRow | None) -> str:
-    """The check a claim depends on, in words: ``"control passed: ... +1.91 [+1.74, +2.08] (bar 1)"``."""
+    """The check a claim depends on, in words: ``"control passed: experts' weight +1.91 [+1.74, +2.08] points (bar
+    1)"``; a control measured on another metric than accuracy is named by its metric."""
     if control is None:
         return ""
     value = f"{_points(control.effect)} {_interval(control)}" if control.effect is not None else "not measured"
-    return f"control {control.verdict}: experts' weight {value} points (bar {control.min_effect:g})"
+    if control.metric == "test_accuracy":
+        return f"control {control.verdict}: experts' weight {value} points (bar {control.min_effect:g})"
+    return f"control {control.verdict}: {control.metric} {value} (bar {control.min_effect:g})"
 
 
 def paper_text(r: ScoreboardRow) -> str:

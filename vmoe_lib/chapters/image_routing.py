@@ -28,19 +28,22 @@ the distinct parameters each activates per image).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 from ..analysis import mean_sd_text, routing_of, superclasses_from_confusion
 from ..errors import ConfigError
 from ..papers import PaperNumber
+from ..results import RunResult
 from ..plots import _color, plain_log_axis, style
 from ..stats import Claim, TestResult, paired_t
 from ..train import TrainConfig
-from .base import (Chapter, ChapterResults, Measure, Preset, Run, SeedPaired, SeedPairedInteraction, control_claim)
+from .base import Chapter, ChapterResults, Measure, Preset, Run, SeedPaired, SeedPairedInteraction, control_claim
+from .model_scale import WidthFamily
 from .probes import ConfusionProbe, RoutingStatsProbe
 
 __all__ = ["NAME", "PRESETS", "ImageRouting", "SuperclassAgreement", "moe_config", "activated_per_image",
@@ -145,7 +148,7 @@ def moe_config(dense: TrainConfig, kind: str, experts: int, superclasses: list[i
     return dense.replace(model=f"vmoe_{dense.model}", model_kwargs=kwargs)
 
 
-def activated_per_image(result) -> float | None:
+def activated_per_image(result: RunResult) -> float | None:
     """Distinct parameters one image activates, from the run's stored costs and probe: the parameters a token
     activates, plus, in each MoE layer, one expert's parameters for every further expert the image's tokens reach
     (the probe's ``mean_experts_per_image``; 1 for per-image routing with k = 1). A dense run: its parameters."""
@@ -186,7 +189,7 @@ class SuperclassAgreement(Measure):
         return paired_t(values, [1.0 / experts] * len(values), direction=claim.direction)
 
 
-def superclass_agreement(result) -> float | None:
+def superclass_agreement(result: RunResult) -> float | None:
     """The share (0-1) of the run's test images that its leading MoE layer routes to their super-class's expert (the
     class x expert table of its probe, classes weighted equally as in the class-balanced test sets); ``None`` for a
     run without super-classes or probe."""
@@ -200,8 +203,9 @@ def superclass_agreement(result) -> float | None:
     return float(np.mean([table[c][s] for c, s in enumerate(superclasses)]))
 
 
-class ImageRouting(Chapter):
-    """Chapter 6: routing whole images (Mobile V-MoE)."""
+class ImageRouting(WidthFamily, Chapter):
+    """Chapter 6: routing whole images (Mobile V-MoE). Its base width is where the routings are compared, and whose
+    dense model gives the super-classes."""
 
     name = NAME
     title = "Routing whole images: per-image routing and super-class guidance"
@@ -210,16 +214,6 @@ class ImageRouting(Chapter):
                "per_token_beats_per_image")
     power_target = 0.5
     benchmark = "image_routing"
-
-    def widths(self, preset: str | Preset) -> tuple[int, ...]:
-        """The widths a preset trains, ascending."""
-        p = preset if isinstance(preset, Preset) else self.preset(preset)
-        return tuple(sorted(p.settings["widths"]))
-
-    def base_width(self, preset: str | Preset) -> int:
-        """The width the routings are compared at, and whose dense model gives the super-classes."""
-        p = preset if isinstance(preset, Preset) else self.preset(preset)
-        return int(p.settings["base_width"])
 
     def dense_configs(self, preset: Preset) -> dict[int, TrainConfig]:
         """Width -> chapter 5's dense config of that width (the same experiment: borrowed)."""
@@ -306,7 +300,7 @@ class ImageRouting(Chapter):
             min_effect_why="a router that follows its targets for only a quarter of the images above chance is not "
                            "guided in any useful sense",
             family=CONTROL_FAMILY, paired=True, kind="control", measure=SuperclassAgreement(sc_base),
-            metric="superclass agreement (points)",
+            metric="test images routed to their super-class's expert, points above chance",
         ))
         for w in widths:
             out.append(Claim(
@@ -391,6 +385,229 @@ class ImageRouting(Chapter):
         out = {label: {"sd of paired differences": f"{100 * sd:.2f}", f"MDE, n={n}": f"{mde(100 * sd, n, paired=True):.2f}",
                        "smallest effect of interest": m} for label, (sd, m) in designs.items()}
         return pd.DataFrame.from_dict(out, orient="index")
+
+
+    # -- the super-classes -------------------------------------------------------------------------------------------
+    def _source(self, results: ChapterResults) -> dict | None:
+        runs = results.runs_of(SOURCE)
+        return runs[0].record.get("extra") if runs else None
+
+    def _superclasses_of(self, results: ChapterResults) -> list[int] | None:
+        """The super-classes the guided runs of ``results`` were trained with (read from their configs)."""
+        for r in results.runs_of(run_name("image_sc", self.base_width(self.preset_of(results)))):
+            return list(r.config.model_kwargs["router_options"]["superclasses"])
+        return None
+
+    def superclass_table(self, results: ChapterResults) -> pd.DataFrame:
+        """The super-classes found: per super-class (= expert of the guided runs), its classes, and how often the
+        source model confused them with each other and with other classes (validation images, % of the classes'
+        images)."""
+        source, groups = self._source(results), self._superclasses_of(results)
+        if source is None or groups is None:
+            return pd.DataFrame()
+        conf = np.asarray(source["confusion"]["matrix"], dtype=float)
+        names = source["confusion"]["class_names"]
+        rows = {}
+        for g in sorted(set(groups)):
+            members = [c for c, x in enumerate(groups) if x == g]
+            others = [c for c in range(len(groups)) if c not in members]
+            total = conf[members].sum()
+            within = conf[np.ix_(members, members)].sum() - conf[members, members].sum()
+            rows[g] = {"classes": ", ".join(names[c] for c in members), "images": int(total),
+                       "mistaken within (%)": round(100 * within / total, 1),
+                       "mistaken for another super-class (%)": round(100 * conf[np.ix_(members, others)].sum() / total, 1)}
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        frame.index.name = "super-class"
+        return frame
+
+    def plot_confusion(self, results: ChapterResults):
+        """The source model's confusion on the validation images (row-normalised, % of each true class; the diagonal
+        left blank so the mistakes show), classes reordered by super-class, the super-classes outlined."""
+        style()
+        source, groups = self._source(results), self._superclasses_of(results)
+        fig, ax = plt.subplots(figsize=(7.2, 5.6))
+        if source is None or groups is None:
+            return fig
+        conf = np.asarray(source["confusion"]["matrix"], dtype=float)
+        rate = 100 * conf / conf.sum(axis=1, keepdims=True)
+        order = sorted(range(len(groups)), key=lambda c: (groups[c], c))
+        shown = rate[np.ix_(order, order)]
+        mask = np.eye(len(order), dtype=bool)
+        names = [source["confusion"]["class_names"][c] for c in order]
+        sns.heatmap(shown, mask=mask, ax=ax, cmap="Reds", vmin=0, annot=True, fmt=".0f", annot_kws={"fontsize": 10},
+                    xticklabels=names, yticklabels=names, cbar_kws={"label": "% of the true class's images"})
+        start = 0
+        for g in sorted(set(groups)):
+            size = sum(1 for c in groups if c == g)
+            ax.add_patch(plt.Rectangle((start, start), size, size, fill=False, ec=_color(0), lw=2.4))
+            start += size
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(f"Dense model's mistakes on {source['confusion']['images']:,} validation images "
+                     f"(boxes: the {len(set(groups))} super-classes)")
+        fig.tight_layout()
+        return fig
+
+    # -- tables ----------------------------------------------------------------------------------------------------
+    def _kind_width(self, name: str) -> tuple[str, int] | None:
+        head, _, width = name.rpartition("_w")
+        if not width.isdigit():
+            return None
+        return ("dense" if head == "dense" else head), int(width)
+
+    def model_table(self, results: ChapterResults) -> pd.DataFrame:
+        """Per width and routing: parameters in total, activated per token and (distinct) per image, FLOPs per image
+        (stored costs; per image: the probe's distinct experts per image), test accuracy (mean ± sd over seeds), the gain
+        over the dense model of the width (points, paired by seed), the share of test images routed to their
+        super-class's expert (guided runs), minutes per run and seeds."""
+        rows = {}
+        for name, runs in results.by_name().items():
+            kw = self._kind_width(name)
+            if kw is None:
+                continue
+            kind, width = kw
+            costs = runs[0].record.get("costs", {})
+            per_image = [v for v in (activated_per_image(r) for r in runs) if v is not None]
+            a, b = results.paired(name, dense_name(width))
+            agreement = [v for v in (superclass_agreement(r) for r in runs) if v is not None]
+            rows[(width, KINDS.get(kind, kind))] = {
+                "params (k)": f"{costs.get('params_total', 0) / 1e3:.0f}",
+                "activated per token (k)": f"{costs.get('params_activated', 0) / 1e3:.0f}",
+                "activated per image (k)": f"{np.mean(per_image) / 1e3:.0f}" if per_image else "",
+                "MFLOPs / image": f"{costs.get('flops_per_image', 0) / 1e6:.2f}",
+                "test acc. (%)": mean_sd_text([r.final["test_accuracy"] for r in runs]),
+                "gain over dense (points)": mean_sd_text([x - y for x, y in zip(a, b)], signed=True)
+                if kind != "dense" and a else "",
+                "to its super-class's expert (%)": f"{100 * np.mean(agreement):.1f}" if agreement else "",
+                "min / run": f"{np.mean([r.record.get('wall_time_s', np.nan) for r in runs]) / 60:.1f}",
+                "seeds": len(runs)}
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        if not frame.empty:
+            frame.index = pd.MultiIndex.from_tuples(frame.index, names=["width", "routing"])
+            frame = frame.sort_index(level=0, sort_remaining=False)
+        return frame
+
+    # -- figures ---------------------------------------------------------------------------------------------------
+    def plot_accuracy_vs_activated(self, results: ChapterResults):
+        """Test accuracy against the distinct parameters one image activates, one panel per width (each with its own
+        accuracy scale): the dense model (grey circle), per-image routing guided by super-classes (blue diamond), end
+        to end (red square), per token (green triangle); small points are seeds, large markers the means. Markers at
+        the same activated parameters are drawn side by side (a small horizontal offset, on the log axis)."""
+        style()
+        rows = []
+        for name, runs in results.by_name().items():
+            kw = self._kind_width(name)
+            if kw is None:
+                continue
+            for r in runs:
+                value = activated_per_image(r)
+                if value is not None:
+                    rows.append({"run": name, "kind": kw[0], "width": kw[1], "activated": value,
+                                 "accuracy": 100 * r.final["test_accuracy"]})
+        frame = pd.DataFrame(rows)
+        widths = sorted(frame["width"].unique()) if not frame.empty else []
+        fig, axes = plt.subplots(1, max(len(widths), 1), figsize=(7.2, 4.3), squeeze=False)
+        looks = {"dense": (_color(7), "o"), "image_sc": (_color(0), "D"), "image_e2e": (_color(1), "s"),
+                 "image_coarse": (_color(4), "P"), "token": (_color(2), "^")}
+        labels = {"dense": "dense", **KINDS}
+        shown = set()
+        for ax, width in zip(axes[0], widths):
+            part = frame[frame["width"] == width]
+            kinds = [k for k in looks if k in set(part["kind"])]
+            for i, kind in enumerate(kinds):
+                color, marker = looks[kind]
+                rows_k = part[part["kind"] == kind]
+                shift = 2 ** (0.1 * (i - (len(kinds) - 1) / 2))  # side by side where the x values coincide
+                ax.scatter(rows_k["activated"] * shift, rows_k["accuracy"], color=color, alpha=0.35, s=14, lw=0)
+                ax.scatter([rows_k["activated"].mean() * shift], [rows_k["accuracy"].mean()], color=color,
+                           marker=marker, s=70, zorder=3, edgecolor="white", lw=0.8,
+                           label=labels[kind] if kind not in shown else None)
+                shown.add(kind)
+            ax.set_xscale("log")
+            plain_log_axis(ax.xaxis)
+            low, high = part["activated"].min(), part["activated"].max()
+            ax.set_xlim(low / 2, high * 2)
+            ax.set_title(f"width {width}")
+            ax.set_xlabel("distinct parameters per image")
+        axes[0][0].set_ylabel("test accuracy (%)")
+        handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]]
+        names = [n for ax in axes[0] for n in ax.get_legend_handles_labels()[1]]
+        fig.legend(handles, names, loc="lower center", ncol=2, frameon=False)
+        fig.suptitle("Accuracy against the parameters an image activates (points: seeds)")
+        fig.tight_layout(rect=(0, 0.14, 1, 1))
+        return fig
+
+    def plot_class_expert(self, results: ChapterResults, seed: int | None = None):
+        """Where each class's test images go in the first MoE layer, for the three routings at the base width (one
+        seed: ``seed``, default the lowest; expert numbers mean nothing across seeds of an unguided router): % of the
+        class's tokens per expert, classes ordered by super-class."""
+        style()
+        base = self.base_width(self.preset_of(results))
+        names = [run_name(kind, base) for kind in ("image_sc", "image_e2e", "token")]
+        names = [n for n in names if results.runs_of(n)]
+        source, groups = self._source(results), self._superclasses_of(results)
+        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(7.2, 4.2), sharey=True, squeeze=False)
+        if not names or source is None or groups is None:
+            return fig
+        order = sorted(range(len(groups)), key=lambda c: (groups[c], c))
+        labels = [source["confusion"]["class_names"][c] for c in order]
+        for ax, name in zip(axes[0], names):
+            runs = results.runs_of(name)
+            run = next((r for r in runs if r.seed == seed), runs[0]) if seed is not None else min(runs, key=lambda r: r.seed)
+            layer = next(iter(routing_of(run).values()))
+            table = 100 * np.asarray(layer["class_expert"])[order]
+            sns.heatmap(table, ax=ax, cmap="Blues", vmin=0, vmax=100, cbar=False, annot=True, fmt=".0f",
+                        annot_kws={"fontsize": 10}, yticklabels=labels,
+                        xticklabels=[str(e) for e in range(table.shape[1])])
+            ax.set_title(f"{KINDS[self._kind_width(name)[0]]}\n(seed {run.seed})", fontsize=10)
+            ax.set_xlabel("expert")
+        fig.suptitle(f"Where each class goes in the first MoE layer (width {base}, % of its tokens)")
+        fig.tight_layout()
+        return fig
+
+    # -- findings ---------------------------------------------------------------------------------------------------
+    def findings(self, results: ChapterResults) -> str:
+        """What the stored runs show, as Markdown bullets computed from them (no typed numbers)."""
+        lines = []
+        preset = self.preset_of(results)
+        base = self.base_width(preset)
+        source, groups = self._source(results), self._superclasses_of(results)
+        if source is not None and groups is not None:
+            names = source["confusion"]["class_names"]
+            parts = ["{" + ", ".join(names[c] for c, x in enumerate(groups) if x == g) + "}" for g in sorted(set(groups))]
+            lines.append(f"**Super-classes** clustered from the dense model's validation confusion "
+                         f"({100 * source['confusion']['accuracy']:.1f} % right): " + ", ".join(parts) + ".")
+            twin = results.by_seed(dense_name(base)).get(0)
+            mine = results.runs_of(SOURCE)[0].final["test_accuracy"]
+            if twin is not None:
+                same = "the same test accuracy" if twin == mine else "a different test accuracy"
+                lines.append(f"**The source run** is the same experiment as the dense model's seed 0, trained again with "
+                             f"the confusion probe: {same} ({100 * mine:.2f} % vs {100 * twin:.2f} %).")
+        gains = []
+        for w in self.widths(preset):
+            a, b = results.paired(run_name("image_sc", w), dense_name(w))
+            if a:
+                gains.append(f"width {w} {100 * np.mean(np.subtract(a, b)):+.2f}")
+        if gains:
+            lines.append("**Per-image (super-class guided) minus dense** (points, mean over seeds): " + ", ".join(gains)
+                         + ".")
+        arms = [(KINDS[k], run_name(k, base)) for k in ("image_sc", "image_e2e", "token", "image_coarse")]
+        accs = [f"{label} {100 * np.mean(results.values(n)):.2f} %" for label, n in arms if results.values(n)]
+        if accs:
+            lines.append(f"**Routings at width {base}**, test accuracy: " + ", ".join(accs) + ".")
+        per_image = []
+        for label, n in arms:
+            values = [v for v in (activated_per_image(r) for r in results.runs_of(n)) if v is not None]
+            if values:
+                per_image.append(f"{label} {np.mean(values) / 1e3:.0f}k")
+        if per_image:
+            lines.append("**Distinct parameters an image activates** (mean over seeds): " + ", ".join(per_image) + ".")
+        agreement = [v for v in (superclass_agreement(r) for r in results.runs_of(run_name("image_sc", base)))
+                     if v is not None]
+        if agreement:
+            lines.append(f"**The guided router** sends {100 * np.mean(agreement):.1f} % of the test images to their "
+                         f"super-class's expert (chance: {100 / len(set(groups or [0])):.0f} %).")
+        return "\n".join(f"* {line}" for line in lines)
 
 
 chapter = ImageRouting()

@@ -42,7 +42,7 @@ from .base import (Chapter, ChapterResults, Measure, Preset, Run, SeedPaired, Se
 from .probes import RoutingStatsProbe
 from .recipes import SWEET_SPOT_GAIN, TEST_BED
 
-__all__ = ["NAME", "PRESETS", "ModelScale", "GainSlope", "GainPerFlop", "size_config", "flops_ratio", "chapter"]
+__all__ = ["NAME", "PRESETS", "ModelScale", "WidthFamily", "GainSlope", "GainPerFlop", "size_config", "flops_ratio", "chapter"]
 
 NAME = "model_scale"
 LENDERS = {"moe": ("router_gates", "tc_linear"), "dense": ("routers_bpr", "dense"), "k2": ("routers_bpr", "softmax_tc_k2")}
@@ -177,7 +177,23 @@ def flops_ratio(results: ChapterResults, name: str, dense: str) -> float | None:
     return a[0].record["costs"]["flops_per_image"] / b[0].record["costs"]["flops_per_image"]
 
 
-class ModelScale(Chapter):
+class WidthFamily:
+    """What a chapter that trains one model family at several widths reads from its presets' settings: ``widths``
+    and ``base_width`` (the width where it compares variants). Mixed into a :class:`Chapter`."""
+
+    def widths(self, preset: str | Preset) -> tuple[int, ...]:
+        """The widths a preset trains, ascending."""
+        p = preset if isinstance(preset, Preset) else self.preset(preset)
+        return tuple(sorted(p.settings["widths"]))
+
+    def base_width(self, preset: str | Preset) -> int:
+        """The preset's base width: where the chapter compares variants of one model (chapter 5: k; chapter 6: the
+        routings)."""
+        p = preset if isinstance(preset, Preset) else self.preset(preset)
+        return int(p.settings["base_width"])
+
+
+class ModelScale(WidthFamily, Chapter):
     """Chapter 5: where MoE helps most, by model size and by activated parameters."""
 
     name = NAME
@@ -186,16 +202,6 @@ class ModelScale(Chapter):
     primary = ("gain_shrinks_with_size", "diminishing_returns_in_k")
     power_target = 0.5
     benchmark = "model_scale"
-
-    def widths(self, preset: str | Preset) -> tuple[int, ...]:
-        """The widths a preset trains, ascending."""
-        p = preset if isinstance(preset, Preset) else self.preset(preset)
-        return tuple(sorted(p.settings["widths"]))
-
-    def base_width(self, preset: str | Preset) -> int:
-        """The test bed's width in a preset: where k is varied, and whose runs are borrowed."""
-        p = preset if isinstance(preset, Preset) else self.preset(preset)
-        return int(p.settings["base_width"])
 
     def k_runs(self, preset: str | Preset) -> dict[int, str]:
         """k -> the run of the MoE model at the base width with k experts per token."""
