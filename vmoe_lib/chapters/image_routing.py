@@ -43,7 +43,7 @@ from ..plots import _color, plain_log_axis, style
 from ..stats import Claim, TestResult, paired_t
 from ..train import TrainConfig
 from .base import Chapter, ChapterResults, Measure, Preset, Run, SeedPaired, SeedPairedInteraction, control_claim
-from .model_scale import WidthFamily
+from .model_scale import WidthFamily, dense_name
 from .probes import ConfusionProbe, RoutingStatsProbe
 
 __all__ = ["NAME", "PRESETS", "ImageRouting", "SuperclassAgreement", "moe_config", "activated_per_image",
@@ -66,10 +66,6 @@ _NOTES = "from secondary notes on the paper (its tables were not available to us
 #: The routings the chapter trains: run-name prefix -> what it is.
 KINDS = {"image_sc": "per-image, super-class guided", "image_e2e": "per-image, end-to-end",
          "image_coarse": "per-image, guided by coarse labels", "token": "per-token"}
-
-
-def dense_name(width: int) -> str:
-    return f"dense_w{width}"
 
 
 def run_name(kind: str, width: int) -> str:

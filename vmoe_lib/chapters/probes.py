@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..data import BatchLoader, ImageDataset
+from ..errors import check_choice
 from ..layers.stats import moe_layers, record_routing
 from ..predictions import pack_bits
 from ..train import _autocast
@@ -144,8 +145,6 @@ class ConfusionProbe:
     split: str = "val"
 
     def __post_init__(self) -> None:
-        from ..errors import check_choice
-
         check_choice("split", self.split, ("val", "test"))
 
     def settings(self) -> dict[str, Any]:

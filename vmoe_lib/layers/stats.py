@@ -90,11 +90,13 @@ class _LayerRecord:
             self.experts_per_token += torch.bincount(per_token.clamp(max=E), minlength=E + 1).double()
             self.dropped += int((per_token == 0).sum())
             self.expert_load += torch.bincount(expert, minlength=E).double()
-            image = routing.group_index.cpu() * images_per_group + routing.token_index.cpu() // tokens_per_image
+            with_labels = labels is not None and self.class_expert is not None
+            if self.recorder.experts_per_image or with_labels:  # the image of each (token, expert) pair
+                image = routing.group_index.cpu() * images_per_group + routing.token_index.cpu() // tokens_per_image
             if self.recorder.experts_per_image:
                 self.images += G * images_per_group
                 self.image_expert_pairs += int(torch.unique(image * E + expert).numel())
-            if labels is not None and self.class_expert is not None:
+            if with_labels:
                 self.class_expert.index_put_((labels[image], expert), torch.ones(expert.numel(), dtype=torch.float64), accumulate=True)
         else:
             share = routing.combine_dense.detach().sum(-1).double().cpu()  # (G, S, E)
