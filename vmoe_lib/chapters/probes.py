@@ -11,16 +11,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ..data import BatchLoader, ImageDataset
+from ..analysis import class_expert_information
 from ..errors import check_choice
 from ..layers.stats import moe_layers, record_routing
 from ..predictions import pack_bits
 from ..train import _autocast
 
-__all__ = ["eval_loader", "recorded_eval", "routing_record", "RoutingStatsProbe", "ConfusionProbe"]
+__all__ = ["eval_loader", "recorded_eval", "routing_record", "RoutingStatsProbe", "ConfusionProbe", "LayerAnalysisProbe",
+           "layer_specialisation"]
 
 
 def eval_loader(data: ImageDataset, device: torch.device, images: int | None = None,
@@ -170,4 +173,71 @@ class ConfusionProbe:
             table = torch.full((n,), -1, dtype=torch.long)
             table[fine.cpu()] = coarse["train"].cpu()
             out["coarse_of_class"] = table.tolist()
+        return out
+
+
+def layer_specialisation(routing: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per MoE layer of a routing summary (:func:`recorded_eval` with classes): how much the expert a token goes to
+    tells about its image's class, :func:`~vmoe_lib.analysis.class_expert_information` of the layer's class x expert
+    table, each class weighted by its share of the layer's token-expert pairs (the split's own class balance)."""
+    out = {}
+    for name, st in routing.items():
+        counts = np.asarray(st.get("class_assignments") or [], dtype=float)
+        weights = counts / counts.sum() if counts.size and counts.sum() > 0 else None
+        out[name] = class_expert_information(st["class_expert"], weights)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerAnalysisProbe:
+    """ViMoE's routing analysis of a trained MoE model, and what each of its MoE layers carries.
+
+    Stores what :class:`RoutingStatsProbe` stores (test split, per-layer routing statistics and class x expert tables)
+    and ``"layer_analysis"``:
+
+    * ``"specialisation"``: per MoE layer (by name: ``{"layer", "value"}``), :func:`layer_specialisation` on the
+      **validation** split (the test split stays unseen by the ranking);
+    * ``"ranking"``: the layers from least to most specialised (ties: the earlier block first);
+    * ``"bypass"``: test accuracy with MoE layers bypassed at inference (:func:`~vmoe_lib.models.moe_utils.bypass_moe`,
+      ``keep_shared=True``: a layer with a shared expert keeps it, i.e. is made dense again; one without outputs
+      zeros): ``"all"`` (every MoE layer), ``"least"`` / ``"most"`` (the ``n // 2`` least / most specialised of the
+      ``n`` MoE layers; absent for ``n < 2``) with which test images were right (packed bits), and ``"layer:<i>"`` for
+      each block ``i`` alone (accuracy only);
+    * ``"class_names"``: the dataset's class names (the rows of the class x expert tables).
+
+    Args:
+        probe_images: use the first ``n`` images of each split (``None``: all).
+    """
+
+    probe_images: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The probe's settings as JSON values (they enter the results key)."""
+        return {"layer_analysis": asdict(self)}
+
+    def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
+        from ..models.moe_utils import bypass_moe
+
+        first = routing_record(model, data, device, self.probe_images)
+        if first is None:
+            return {}
+        loader, out = first
+        _, val_routing = recorded_eval(model, eval_loader(data, device, self.probe_images, split="val"), data.num_classes)
+        value = layer_specialisation(val_routing)
+        index = {name: int(layer.layer_index) for name, layer in moe_layers(model)}
+        ranking = sorted(value, key=lambda name: (value[name], index[name]))
+        half = len(ranking) // 2
+        sets: dict[str, tuple[list[str], bool]] = {"all": (ranking, True)}
+        if half:
+            sets["least"] = (ranking[:half], True)
+            sets["most"] = (ranking[-half:], True)
+        sets.update({f"layer:{index[name]}": ([name], False) for name in sorted(ranking, key=index.get)})
+        bypass = {}
+        for key, (names, bits) in sets.items():
+            with bypass_moe(model, names, keep_shared=True):
+                metrics, _ = recorded_eval(model, loader, None, bits=bits)
+            bypass[key] = {"layers": sorted(index[n] for n in names), **metrics}
+        out["layer_analysis"] = {
+            "split": "val", "specialisation": {name: {"layer": index[name], "value": value[name]} for name in ranking},
+            "ranking": [index[name] for name in ranking], "bypass": bypass, "class_names": list(data.class_names)}
         return out

@@ -377,6 +377,15 @@ class MoEMlp(nn.Module):
             y = y.permute(0, 3, 1, 2)
         return y
 
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output alone for the layer's input ``x`` (what the layer outputs with its routed
+        experts bypassed); :class:`~vmoe_lib.errors.ConfigError` if the layer has no shared expert."""
+        if self.shared_expert is None:
+            raise ConfigError("shared_output: this MoE layer has no shared expert (shared_expert=False)")
+        if self.use_conv:
+            return self.shared_expert(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.shared_expert(x)
+
     def extra_repr(self) -> str:
         parts = [f"layer={self.layer_index}"] if self.layer_index is not None else []
         parts += [f"router={self.router_name!r}", f"num_experts={self.num_experts}"]

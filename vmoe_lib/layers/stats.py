@@ -125,6 +125,7 @@ class _LayerRecord:
         if self.class_expert is not None:
             rows = self.class_expert.sum(1, keepdim=True).clamp(min=1e-12)
             out["class_expert"] = (self.class_expert / rows).tolist()  # row c: where class c's tokens go
+            out["class_assignments"] = self.class_expert.sum(1).tolist()  # token-expert pairs of each class
         return out
 
 

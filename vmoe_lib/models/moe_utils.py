@@ -59,6 +59,7 @@ MOE_DEFAULTS: dict[str, Any] = dict(
     group_size=None,  # images per routing group; None: 8, or 1 for soft / per_image
     shared_expert=False,
     shared_expert_gate=False,
+    expert_width=None,  # hidden width of each routed expert; None: the width of the MLP it replaces
     expert_dropout=None,
     expert_init="same",
     backend="auto",
@@ -117,6 +118,7 @@ def replace_mlps(
     group_size: int | None = None,
     shared_expert: bool | int = False,
     shared_expert_gate: bool = False,
+    expert_width: int | None = None,
     expert_dropout: float | None = None,
     expert_init: str = "same",
     backend: str = "auto",
@@ -128,8 +130,19 @@ def replace_mlps(
     or ``"upcycle"`` (every expert a copy of the MLP it replaces). Draws use timm's ViT/ConvNeXt
     init (truncated normal, std 0.02, zero bias). With ``router="per_image"`` the first MoE
     layer routes and the following ones reuse its decision (Mobile V-MoE).
+
+    ``expert_width``: the hidden width of each routed expert (``None``: the replaced MLP's). Narrower
+    experts beside a shared expert keep the activated FLOPs of the dense MLP, e.g. half-width experts
+    with ``k = 1`` and a half-width ``shared_expert`` (DeepSeekMoE's shared-expert isolation).
     """
     check_choice("expert_init", expert_init, EXPERT_INIT_CHOICES)
+    if expert_width is not None:
+        if not isinstance(expert_width, int) or isinstance(expert_width, bool) or expert_width <= 0:
+            raise ConfigError(f"expert_width={expert_width!r} is invalid; use None (the width of the MLP an MoE layer "
+                              "replaces) or a positive integer hidden width")
+        if expert_init == "upcycle":
+            raise ConfigError(f"expert_width={expert_width} is invalid with expert_init='upcycle': an upcycled expert "
+                              "copies the dense MLP, so it has that MLP's width; use expert_width=None")
     if router_options is not None and not isinstance(router_options, dict):
         raise ConfigError(f"router_options={router_options!r} is invalid; it must be a dict of router options")
     share = SharedRouting() if router == "per_image" and len(layers) > 1 else None
@@ -139,6 +152,8 @@ def replace_mlps(
         where = block_names[index] if block_names is not None else f"block {index}"
         dense = block.mlp
         geometry = _mlp_geometry(dense, where)
+        if expert_width is not None:
+            geometry["hidden_features"] = expert_width
         layer = MoEMlp(
             **geometry,
             num_experts=num_experts,
@@ -318,7 +333,7 @@ def set_routing(model: nn.Module, **settings: Any) -> nn.Module:
 
 
 @contextlib.contextmanager
-def bypass_moe(model: nn.Module) -> Iterator[nn.Module]:
+def bypass_moe(model: nn.Module, layers: Sequence[str | int] | None = None, keep_shared: bool = False) -> Iterator[nn.Module]:
     """Inside the ``with`` block every MoE layer of ``model`` outputs zeros: each token passes its MoE
     block on the residual stream alone, as a dropped token does.
 
@@ -326,11 +341,36 @@ def bypass_moe(model: nn.Module) -> Iterator[nn.Module]:
     is near zero, a claim about how tokens are routed cannot be tested on that model. In a ViT block
     only the MLP half goes (attention stays); in a ConvNeXt block the whole residual branch goes,
     since its depthwise convolution feeds only the MLP. A model without MoE layers is rejected.
+
+    Args:
+        layers: bypass only these MoE layers, by module name (``"blocks.3.mlp"``) or block index (the
+            ``layer_index`` of :func:`moe_layers`); ``None``: all of them. An unknown one is rejected.
+        keep_shared: bypass only the routed experts: a layer with a shared expert then outputs the shared
+            expert's output alone (the layer made dense again, ViMoE's pruning); a layer without one outputs zeros.
     """
-    layers = [layer for _, layer in moe_layers(model)]
-    if not layers:
+    found = moe_layers(model)
+    if not found:
         raise ConfigError("bypass_moe: the model has no MoE layers")
-    handles = [layer.register_forward_hook(lambda module, args, out: torch.zeros_like(out)) for layer in layers]
+    if layers is None:
+        chosen = [layer for _, layer in found]
+    else:
+        by_key: dict[str | int, nn.Module] = {}
+        for name, layer in found:
+            by_key[name] = layer
+            if getattr(layer, "layer_index", None) is not None:
+                by_key[int(layer.layer_index)] = layer
+        if isinstance(layers, (str, int)) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in layers) \
+                or any(x not in by_key for x in layers):
+            raise ConfigError(f"bypass_moe: layers={layers!r} is invalid; use None or a list of this model's MoE layers, by "
+                              f"name {[n for n, _ in found]} or block index {[getattr(m, 'layer_index', None) for _, m in found]}")
+        chosen = list({id(by_key[x]): by_key[x] for x in layers}.values())
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if keep_shared and getattr(module, "shared_expert", None) is not None:
+            return module.shared_output(args[0])
+        return torch.zeros_like(out)
+
+    handles = [layer.register_forward_hook(hook) for layer in chosen]
     try:
         yield model
     finally:

@@ -20,7 +20,8 @@ MoE keyword arguments (defaults in :data:`~vmoe_lib.models.moe_utils.MOE_DEFAULT
 ``"last-2"``, ``"last-1"`` for 2-block test models), ``router``,
 ``router_options``, ``capacity_factor``, ``eval_capacity_factor``,
 ``group_size`` (images per routing group), ``shared_expert``,
-``shared_expert_gate``, ``expert_dropout``, ``expert_init``
+``shared_expert_gate``, ``expert_width`` (each routed expert's hidden width),
+``expert_dropout``, ``expert_init``
 (``same``/``independent``/``upcycle``), ``backend``. Everything else goes to
 the timm model (``img_size``, ``num_classes``, ``drop_path_rate``...).
 
