@@ -82,7 +82,7 @@ PRESETS: dict[str, Preset] = {
                     "seeds (chapter 2's), 8 for the All and pruned models",
         hardware="CPU, 2 cores, 2 workers x 1 thread, pinned numerics (estimated 55 min before the sweep)",
         # Sized from benchmarks/bench_shared_experts.py (train step relative to chapter 2's All model: with shared
-        # experts 1.05x, Last-2 with them 0.88x, the pruned model 0.91x) and chapter 2's measured runs (about 3.1 min a
+        # experts 1.05x, Last-2 with them 0.88x, the pruned model 0.94x) and chapter 2's measured runs (about 3.1 min a
         # run of its All model on one worker): 32 runs, about 96 worker-minutes of training plus 16 of routing analysis
         # (up to 10 test evaluations a run), about 55 min on 2 workers. The seeds are chapter 2's 4 (its runs are the
         # arms without a shared expert): planned_power says what they resolve; 8 seeds there would mean training 20
