@@ -4,7 +4,8 @@
 per image), and times one training step of 128 images (forward, loss with the auxiliary loss, backward, the engine's
 AdamW step) and the evaluation throughput (no gradients, batches of 1000), interleaved across the models, the
 minimum over the repeats kept, on random images of the chapter's shape. ``main`` is the command line of a benchmark
-that names its configs (``bench_expert_count.py``, ``bench_model_scale.py``, ``bench_image_routing.py``).
+that names its configs (``bench_expert_count.py``, ``bench_model_scale.py``, ``bench_image_routing.py``,
+``bench_shared_experts.py``).
 """
 
 from __future__ import annotations
