@@ -206,8 +206,8 @@ class SharedExperts(Chapter):
         return LayerAnalysisProbe(probe_images=preset.settings["probe_images"])
 
     def prerequisites(self, preset: Preset) -> list[Run]:
-        """The All placement with shared experts, every seed of the preset: its routing analysis (validation split)
-        picks the layers of the pruned model."""
+        """The All placement with shared experts, on the analysis seeds (:meth:`analysis_seeds`): its routing analysis
+        (validation split) picks the layers of the pruned model."""
         return [Run(ALL, shared_config(self.plain_configs(preset)["vit_all"]), self.analysis_seeds(preset),
                     probe=self.probe(preset))]
 
@@ -230,7 +230,7 @@ class SharedExperts(Chapter):
         """``(mean validation specialisation per block, the ``n // 2`` most specialised blocks)`` of the All runs."""
         values: dict[int, list[float]] = {}
         for r in runs:
-            for st in layer_analysis_of(r)["specialisation"].values():
+            for st in (layer_analysis_of(r) or {}).get("specialisation", {}).values():
                 values.setdefault(int(st["layer"]), []).append(float(st["value"]))
         if not values:
             raise ConfigError(f"runs {[r.name for r in runs]} store no routing analysis")
