@@ -5,7 +5,7 @@ per image), and times one training step of 128 images (forward, loss with the au
 AdamW step) and the evaluation throughput (no gradients, batches of 1000), interleaved across the models, the
 minimum over the repeats kept, on random images of the chapter's shape. ``main`` is the command line of a benchmark
 that names its configs (``bench_expert_count.py``, ``bench_model_scale.py``, ``bench_image_routing.py``,
-``bench_shared_experts.py``).
+``bench_shared_experts.py``, ``bench_efficient_ensembles.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def measure(configs: dict[str, Any], command: str, repeats: int, device: str, re
     from vmoe_lib.costs import model_costs
     from vmoe_lib.layers import collect_aux_loss, set_routing_labels
     from vmoe_lib.models import create_model
+    from vmoe_lib.models.ensemble import ensemble_size, ensemble_targets
     from vmoe_lib.numerics import apply_threads_from_env, cpu_info
     from vmoe_lib.train import make_optimizer
 
@@ -67,7 +68,7 @@ def measure(configs: dict[str, Any], command: str, repeats: int, device: str, re
             opt.zero_grad(set_to_none=True)
             if labelled:
                 set_routing_labels(model, y)
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x), ensemble_targets(y, ensemble_size(model)))  # E³: M B rows
             aux = collect_aux_loss(model)
             if labelled:
                 set_routing_labels(model, None)

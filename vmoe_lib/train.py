@@ -48,6 +48,7 @@ from .distributed.data_parallel import (
 )
 from .errors import ConfigError, check_bool, check_choice, check_positive, check_range
 from .layers.aux import collect_aux_loss, set_routing_labels
+from .models.ensemble import ensemble_size, ensemble_targets
 from .models import create_model, list_models
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train_model", "evaluate", "resolve_device", "load_data_for", "make_optimizer",
@@ -541,6 +542,7 @@ def train_model(
     model.train()
     last_finite: float | None = None
     label_routed = set_routing_labels(model, None)  # a super-class-guided router learns from each batch's labels
+    members = ensemble_size(model)
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         started = time.perf_counter()
@@ -556,17 +558,20 @@ def train_model(
                 set_routing_labels(model, labels)
             with _autocast(dev, use_amp), data_parallel_noise(ctx):
                 logits = net(images)
-                task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                targets = ensemble_targets(labels, members)  # an E³ model returns each member's logits (M B rows)
+                task_loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
                 aux = collect_aux_loss(model)
                 loss = task_loss if aux is None else task_loss + aux
             if label_routed:
                 set_routing_labels(model, None)
             task_value = task_loss.item()
             aux_value = aux.item() if aux is not None else 0.0
-            correct = (logits.argmax(dim=-1) == labels).sum().item()
+            correct = (logits.argmax(dim=-1) == targets).sum().item()
             if ctx is not None:  # the global batch's means, the same on every rank (all stop together)
                 task_value, aux_value, correct = ctx.all_sum([task_value, aux_value, correct], dev)
                 task_value, aux_value, correct = task_value / ctx.world_size, aux_value / ctx.world_size, int(correct)
+            if members > 1:
+                correct = correct / members  # train accuracy of an E³ model: its members' mean
             if not math.isfinite(task_value + aux_value):
                 raise TrainingDiverged(
                     f"training diverged: run {run_label or f'{config.model} seed {seed}'} got a non-finite loss "

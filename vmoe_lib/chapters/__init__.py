@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from ..errors import check_choice
 from . import base, probes, recipes, dense_baselines, routers_bpr, placement, router_gates, experts_data, model_scale, image_routing, \
-    shared_experts
+    shared_experts, efficient_ensembles
 from .base import Chapter
 
 __all__ = ["CHAPTERS", "get_chapter", "Chapter", "base", "probes", "recipes", "dense_baselines", "routers_bpr",
-           "placement", "router_gates", "experts_data", "model_scale", "image_routing", "shared_experts"]
+           "placement", "router_gates", "experts_data", "model_scale", "image_routing", "shared_experts",
+           "efficient_ensembles"]
 
 CHAPTERS: dict[str, Chapter] = {
     c.name: c for c in (dense_baselines.chapter, routers_bpr.chapter, placement.chapter, router_gates.chapter,
                                  experts_data.chapter, model_scale.chapter, image_routing.chapter,
-                                 shared_experts.chapter)
+                                 shared_experts.chapter, efficient_ensembles.chapter)
 }
 
 

@@ -23,6 +23,7 @@ from ..predictions import pack_bits
 from ..train import _autocast
 
 __all__ = ["eval_loader", "recorded_eval", "routing_record", "RoutingStatsProbe", "ConfusionProbe", "LayerAnalysisProbe",
+           "CalibrationProbe",
            "layer_specialisation"]
 
 
@@ -240,4 +241,59 @@ class LayerAnalysisProbe:
         out["layer_analysis"] = {
             "split": "val", "specialisation": {name: {"layer": index[name], "value": value[name]} for name in ranking},
             "ranking": [index[name] for name in ranking], "bypass": bypass, "class_names": list(data.class_names)}
+        return out
+
+
+@dataclass(frozen=True)
+class CalibrationProbe:
+    """What ensembles and calibration are judged on: every test image's log-probabilities, and for an E³ model its
+    members'.
+
+    Stores ``{"calibration": {...}}`` with (test split, eval mode):
+
+    * ``"log_probs"``: each image's log-probabilities over the classes (:func:`~vmoe_lib.calibration.pack_log_probs`:
+      float16, compressed), from which a chapter computes NLL, calibration and deep ensembles of several runs;
+    * ``"accuracy"``, ``"nll"`` (nats) and ``"ece"`` (:data:`~vmoe_lib.calibration.ECE_BINS` equal-width bins), ``"bins"``;
+    * for an E³ model, ``"members"``: each member's ``accuracy``, ``nll`` and ``ece`` on its own, and
+      ``"disagreement"``: the share of images whose members predict different classes.
+
+    and, for an MoE model, what :func:`routing_record` stores (per-layer routing statistics on the test split).
+
+    Args:
+        probe_images: the first ``n`` test images (``None``: all).
+    """
+
+    probe_images: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The probe's settings as JSON values (they enter the results key)."""
+        return {"calibration": asdict(self)}
+
+    def __call__(self, model: nn.Module, data: ImageDataset, device: torch.device) -> dict[str, Any]:
+        from ..calibration import (ECE_BINS, collect_log_probs, confidence_correct, expected_calibration_error,
+                                   nll_per_image, pack_log_probs)
+        from ..models.ensemble import ensemble_size, member_log_probs
+
+        def summary(lp: np.ndarray, y: np.ndarray) -> dict[str, float]:
+            conf, right = confidence_correct(lp, y)
+            return {"accuracy": float(right.mean()), "nll": float(nll_per_image(lp, y).mean()),
+                    "ece": expected_calibration_error(conf, right, ECE_BINS)}
+
+        first = routing_record(model, data, device, self.probe_images)
+        out: dict[str, Any] = first[1] if first is not None else {}
+        loader = eval_loader(data, device, self.probe_images)
+        log_probs, labels = collect_log_probs(model, loader, autocast=lambda: _autocast(device, True))
+        calibration: dict[str, Any] = {"split": "test", "bins": ECE_BINS, **summary(log_probs, labels),
+                                       "log_probs": pack_log_probs(log_probs, labels)}
+        if ensemble_size(model) > 1:
+            members = []
+            model.eval()
+            for images, _ in loader:
+                with _autocast(images.device, True):
+                    members.append(member_log_probs(model, images).cpu())
+            per_member = torch.cat(members, dim=1).numpy()  # (M, N, C)
+            calibration["members"] = [summary(lp, labels) for lp in per_member]
+            votes = per_member.argmax(-1)
+            calibration["disagreement"] = float((votes != votes[0]).any(axis=0).mean())
+        out["calibration"] = calibration
         return out

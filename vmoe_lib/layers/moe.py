@@ -25,6 +25,11 @@ with ``use_conv=True``, as ConvNeXt's convolutional MLP gets it):
    is attached, accumulates per-layer statistics.
 5. An optional shared expert (ViMoE) adds its dense output.
 
+An efficient ensemble of experts (E³, arXiv:2110.03360; ``ensemble_size=M > 1``): the layer gets ``M`` copies of the
+batch, member-major (the model repeats its input before its first MoE layer, :mod:`vmoe_lib.models.ensemble`), forms
+its routing groups within each copy (``images_per_group`` of ``B / M`` images) and routes copy ``m`` only to the
+``m``-th set of ``E / M`` experts with its own router (:class:`~vmoe_lib.routers.ensemble_routing.EnsembleRouter`).
+
 Per-image routing shared across layers (Mobile V-MoE, arXiv:2309.04354,
 Sec. 3.1): the routing decision is made once, by the first MoE layer, from the
 representation entering it, and reused by the following MoE layers of the
@@ -132,6 +137,9 @@ class MoEMlp(nn.Module):
             not used once :func:`vmoe_lib.distributed.enable_expert_parallel` has split the experts
             over ranks (the ``expert_parallel`` attribute then dispatches).
         routing_share, routing_leader: share one per-image routing across layers.
+        ensemble_size: ``M``; above 1 the layer is an E³ layer (see the module docstring): ``num_experts`` must be a
+            multiple of it, ``k`` is per member, the router one of
+            :data:`~vmoe_lib.routers.ensemble_routing.ENSEMBLE_ROUTERS`.
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class MoEMlp(nn.Module):
         backend: str = "auto",
         routing_share: SharedRouting | None = None,
         routing_leader: bool = True,
+        ensemble_size: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -170,8 +179,13 @@ class MoEMlp(nn.Module):
             raise ConfigError(
                 f"MoEMlp got unknown keyword arguments {sorted(unknown)}; MoE settings are: num_experts, k, "
                 "router, router_options, capacity_factor, eval_capacity_factor, group_size, expert_dropout, "
-                "shared_expert, shared_expert_gate, expert_init, init_std, backend"
+                "shared_expert, shared_expert_gate, expert_init, init_std, backend, ensemble_size"
             )
+        if not isinstance(ensemble_size, int) or isinstance(ensemble_size, bool) or ensemble_size < 1:
+            raise ConfigError(f"ensemble_size={ensemble_size!r} is invalid; it must be a positive integer (1: no ensemble)")
+        if ensemble_size > 1 and (routing_share is not None or isinstance(router, nn.Module)):
+            raise ConfigError(f"ensemble_size={ensemble_size} is invalid with a shared per-image routing or a router "
+                              "module: E³ builds one router per member from a router name")
         check_positive("num_experts", num_experts)
         if not isinstance(num_experts, int):
             raise ConfigError(f"num_experts={num_experts!r} is invalid; it must be a positive integer")
@@ -191,6 +205,7 @@ class MoEMlp(nn.Module):
         self.num_experts = num_experts
         self.use_conv = use_conv
         self.backend = backend
+        self.ensemble_size = ensemble_size
 
         self.router_name = router if isinstance(router, str) else getattr(router, "name", type(router).__name__)
         one_image = self.router_name in ONE_IMAGE_PER_GROUP_ROUTERS
@@ -222,7 +237,13 @@ class MoEMlp(nn.Module):
                 if key in options and options[key] != value:
                     raise ConfigError(f"{key}={value!r} conflicts with router_options[{key!r}]={options[key]!r}")
                 options[key] = value
-            self.router = create_router(router, dim=in_features, num_experts=num_experts, **options)
+            if ensemble_size > 1:
+                from ..routers.ensemble_routing import EnsembleRouter  # noqa: PLC0415
+
+                self.router = EnsembleRouter(router, dim=in_features, num_experts=num_experts,
+                                             ensemble_size=ensemble_size, **options)
+            else:
+                self.router = create_router(router, dim=in_features, num_experts=num_experts, **options)
         if routing_share is not None and self.routing_leader:
             routing_share.leader_router = self.router
 
@@ -295,15 +316,15 @@ class MoEMlp(nn.Module):
         nominal ``k`` of token-choice/per-image routers or the capacity factor of
         expert-choice routers (their expected experts per token); ``None`` if unknown."""
         if self.last_dispatch is not None and self.last_tokens:
-            return self.last_dispatch.pairs / self.last_tokens
+            return self.last_dispatch.pairs / self.last_tokens  # last_tokens counts each image once (E³: per copy set)
         router = self.router if self.router is not None else getattr(self.routing_share, "leader_router", None)
         if router is None:
             return None
         if self.router_name.endswith("token_choice") or self.router_name == "per_image":
-            return float(router.k)
+            return float(router.k) * self.ensemble_size
         if self.router_name.endswith("expert_choice"):
             factor = router.capacity_factor if self.training or router.eval_capacity_factor is None else router.eval_capacity_factor
-            return float(factor)
+            return float(factor) * self.ensemble_size
         return None
 
     def activated_parameters(self) -> int:
@@ -354,7 +375,13 @@ class MoEMlp(nn.Module):
         D = shape[-1]
         B = shape[0] if x.ndim > 1 else 1
         T = x.numel() // (B * D) if x.numel() else 0
-        per_group = images_per_group(B, self.group_size)
+        M = self.ensemble_size
+        if M > 1 and B % M:
+            raise ConfigError(
+                f"this E³ MoE layer (ensemble_size={M}) got a batch of {B} images, not a multiple of {M}: the model "
+                "repeats its input before the first MoE layer; run the whole model, not this layer alone"
+            )
+        per_group = images_per_group(B // M, self.group_size)  # groups never straddle two ensemble members
         xg = x.reshape(B // per_group, per_group * T, D)
 
         routing = self._route(xg)
@@ -365,10 +392,10 @@ class MoEMlp(nn.Module):
         self.aux_loss = routing.aux_loss if self.router is not None else None
         self.last_metrics = routing.metrics
         self.last_dispatch = info
-        self.last_tokens = xg.shape[0] * xg.shape[1]
+        self.last_tokens = xg.shape[0] * xg.shape[1] // M  # tokens of the images (an E³ copy set counts once)
         self.last_routing = routing if self.keep_routing else None
         if self._recorder is not None:
-            self._recorder.update(routing, images_per_group=per_group, tokens_per_image=T)
+            self._recorder.update(routing, images_per_group=per_group, tokens_per_image=T, copies=M)
 
         y = y.reshape(*shape[:-1], -1)
         if self.shared_expert is not None:
@@ -395,6 +422,8 @@ class MoEMlp(nn.Module):
                 parts.append(f"{key}={value}")
         if self.router is None:
             parts.append(f"routing=shared from {self.routing_share.leader_name or 'the first MoE layer'}")
+        if self.ensemble_size > 1:
+            parts.append(f"ensemble_size={self.ensemble_size}")
         parts += [f"group_size={self.group_size}", f"backend={self.backend!r}"]
         if self.expert_parallel is not None:
             parts.append(f"expert_parallel={self.expert_parallel!r}")

@@ -70,12 +70,16 @@ class _LayerRecord:
         self.image_expert_pairs = 0  # distinct (image, expert) pairs: summed experts per image
 
     @torch.no_grad()
-    def update(self, routing: Routing, images_per_group: int, tokens_per_image: int) -> None:
+    def update(self, routing: Routing, images_per_group: int, tokens_per_image: int, copies: int = 1) -> None:
+        """Add one forward's routing. ``copies``: an E³ layer routes ``copies`` member-major copies of the batch
+        (copy ``m`` of image ``i`` is image ``m * B + i``), so each label is used for every copy."""
         E = self.num_experts
         G, S = routing.num_groups, routing.group_size
         labels = self.recorder.labels
         if labels is not None and self.class_expert is not None:
             labels = labels.to("cpu").long()
+            if copies > 1:
+                labels = labels.repeat(copies)
             if labels.numel() != G * images_per_group:
                 raise ValueError(f"recorder labels hold {labels.numel()} images; the layer saw {G * images_per_group}")
         self.tokens += G * S

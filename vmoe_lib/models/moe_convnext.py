@@ -28,7 +28,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from .dense import DENSE_CONVNEXT_SIZES
-from .moe_utils import check_class_token_routing, mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
+from .moe_utils import attach_ensemble_to, check_class_token_routing, mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
 from .placement import describe_layers, resolve_stage_moe_layers
 from .timm_contract import moe_pretrained_cfg
 
@@ -64,6 +64,7 @@ def moe_convnext_from_dense(dense: nn.Module, *, name: str = "", dense_name: str
     config = moe_model_config(name, dense_name, moe, model_kwargs or {}, layers, created, describe_layers(layers, stage_depths))
     config["stage_depths"] = stage_depths
     mark_moe_model(dense, config)
+    attach_ensemble_to(dense, blocks, layers, moe["ensemble_size"])
     return dense
 
 

@@ -63,6 +63,7 @@ MOE_DEFAULTS: dict[str, Any] = dict(
     expert_dropout=None,
     expert_init="same",
     backend="auto",
+    ensemble_size=1,  # E³ members (vmoe_lib.models.ensemble); 1: no ensemble
 )
 EXPERT_INIT_CHOICES = ("same", "independent", "upcycle")
 # timm's ViT and ConvNeXt initialise every linear layer with a truncated normal of this std.
@@ -122,6 +123,7 @@ def replace_mlps(
     expert_dropout: float | None = None,
     expert_init: str = "same",
     backend: str = "auto",
+    ensemble_size: int = 1,
     block_names: Sequence[str] | None = None,
 ) -> list[MoEMlp]:
     """Replace ``blocks[i].mlp`` for ``i`` in ``layers`` by :class:`MoEMlp` layers; returns them.
@@ -134,6 +136,9 @@ def replace_mlps(
     ``expert_width``: the hidden width of each routed expert (``None``: the replaced MLP's). Narrower
     experts beside a shared expert keep the activated FLOPs of the dense MLP, e.g. half-width experts
     with ``k = 1`` and a half-width ``shared_expert`` (DeepSeekMoE's shared-expert isolation).
+
+    ``ensemble_size``: ``M > 1`` builds E³ layers (experts split into ``M`` sets, one router per member; see
+    :mod:`vmoe_lib.models.ensemble`); the model builders then tile the input before the first MoE block.
     """
     check_choice("expert_init", expert_init, EXPERT_INIT_CHOICES)
     if expert_width is not None:
@@ -145,6 +150,7 @@ def replace_mlps(
                               "copies the dense MLP, so it has that MLP's width; use expert_width=None")
     if router_options is not None and not isinstance(router_options, dict):
         raise ConfigError(f"router_options={router_options!r} is invalid; it must be a dict of router options")
+    check_ensemble(ensemble_size, num_experts, router)
     share = SharedRouting() if router == "per_image" and len(layers) > 1 else None
     created = []
     for position, index in enumerate(layers):
@@ -171,6 +177,7 @@ def replace_mlps(
             backend=backend,
             routing_share=share,
             routing_leader=position == 0,
+            ensemble_size=ensemble_size,
         )
         if expert_init == "upcycle":
             layer.load_dense_mlp(dense)
@@ -180,6 +187,33 @@ def replace_mlps(
         block.mlp = layer
         created.append(layer)
     return created
+
+
+def check_ensemble(ensemble_size: Any, num_experts: Any, router: Any) -> None:
+    """Refuse an ``ensemble_size`` that is not a positive integer, that does not divide ``num_experts``, or whose
+    router E³ cannot partition (it needs a sparse router of several images per group)."""
+    from ..routers.ensemble_routing import ENSEMBLE_ROUTERS  # noqa: PLC0415
+
+    if not isinstance(ensemble_size, int) or isinstance(ensemble_size, bool) or ensemble_size < 1:
+        raise ConfigError(f"ensemble_size={ensemble_size!r} is invalid; it must be a positive integer (1: no ensemble, "
+                          "M >= 2: an E³ model of M members)")
+    if ensemble_size == 1:
+        return
+    if isinstance(num_experts, int) and num_experts % ensemble_size:
+        raise ConfigError(f"ensemble_size={ensemble_size} is invalid with num_experts={num_experts}: the experts are split "
+                          f"into {ensemble_size} equal sets, so num_experts must be a multiple of ensemble_size")
+    if router not in ENSEMBLE_ROUTERS:
+        raise ConfigError(f"ensemble_size={ensemble_size} is invalid with router={router!r}: E³ partitions a sparse router "
+                          f"whose groups hold several images; use one of {', '.join(ENSEMBLE_ROUTERS)}")
+
+
+def attach_ensemble_to(model: nn.Module, blocks: Sequence[nn.Module], layers: Sequence[int], members: int) -> None:
+    """E³: tile ``model``'s input before the first MoE block (``blocks[min(layers)]``) and combine its members' outputs
+    (:func:`vmoe_lib.models.ensemble.attach_ensemble`); nothing for ``members == 1``."""
+    if members > 1:
+        from .ensemble import attach_ensemble  # noqa: PLC0415
+
+        attach_ensemble(model, blocks[min(layers)], members)
 
 
 def check_class_token_routing(moe: dict[str, Any], has_class_token: bool, name: str) -> None:
@@ -262,6 +296,9 @@ def moe_factory(
             if key in model_kwargs:
                 features[key] = model_kwargs.pop(key)
         features_only = model_kwargs.pop("features_only", False)
+        if features_only and moe.get("ensemble_size", 1) != 1:
+            raise ConfigError(f"features_only=True is invalid with ensemble_size={moe['ensemble_size']}: an E³ model tiles "
+                              "and combines its members in forward(), which a feature extractor does not call")
         for key in ignore:
             model_kwargs.pop(key, None)
 

@@ -22,7 +22,8 @@ MoE keyword arguments (defaults in :data:`~vmoe_lib.models.moe_utils.MOE_DEFAULT
 ``group_size`` (images per routing group), ``shared_expert``,
 ``shared_expert_gate``, ``expert_width`` (each routed expert's hidden width),
 ``expert_dropout``, ``expert_init``
-(``same``/``independent``/``upcycle``), ``backend``. Everything else goes to
+(``same``/``independent``/``upcycle``), ``backend``, ``ensemble_size`` (E³:
+:mod:`vmoe_lib.models.ensemble`). Everything else goes to
 the timm model (``img_size``, ``num_classes``, ``drop_path_rate``...).
 
 The resolved MoE layer indices are in ``model.moe_config`` and ``repr(model)``.
@@ -41,7 +42,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from .dense import DENSE_VIT_SIZES
-from .moe_utils import check_class_token_routing, mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
+from .moe_utils import attach_ensemble_to, check_class_token_routing, mark_moe_model, moe_factory, moe_model_config, replace_mlps, split_moe_kwargs
 from .placement import describe_layers, resolve_moe_layers
 from .timm_contract import moe_pretrained_cfg
 
@@ -68,6 +69,7 @@ def moe_vit_from_dense(dense: nn.Module, *, name: str = "", dense_name: str = ""
     check_class_token_routing(moe, getattr(dense, "cls_token", None) is not None, name)
     created = replace_mlps(list(dense.blocks), layers, block_names=[f"blocks.{i}.mlp" for i in range(depth)], **options)
     mark_moe_model(dense, moe_model_config(name, dense_name, moe, model_kwargs or {}, layers, created, describe_layers(layers)))
+    attach_ensemble_to(dense, list(dense.blocks), layers, moe["ensemble_size"])
     return dense
 
 
