@@ -283,3 +283,117 @@ def test_bootstrap_contrast_is_deterministic_oriented_and_reads_a_margin():
     assert c.test == "noninferiority" and c.p_value < 0.01
     c = bootstrap_contrast(lambda idx: -stat(idx), 500, margin=0.5, resamples=500)
     assert c.p_value > 0.99 and c.upper < -0.5
+
+
+# ----------------------------------------------------------------------------------------------- chapter 8's claims
+from pathlib import Path  # noqa: E402
+
+from vmoe_lib.chapters import efficient_ensembles as EE  # noqa: E402
+from vmoe_lib.chapters.base import ChapterResults  # noqa: E402
+from vmoe_lib.predictions import pack_predictions  # noqa: E402
+from vmoe_lib.results import RunResult  # noqa: E402
+from vmoe_lib.stats import decide_family  # noqa: E402
+
+N_IMAGES, CLASSES = 3000, 10
+LABELS = np.random.default_rng(123).integers(0, CLASSES, N_IMAGES)
+
+
+def _log_probs(strength: float, seed: int) -> np.ndarray:
+    logits = np.random.default_rng(seed).normal(0.0, 1.0, (N_IMAGES, CLASSES))
+    logits[np.arange(N_IMAGES), LABELS] += strength
+    return logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+
+def _record(log_probs: np.ndarray, flops: float, members: list[np.ndarray] | None = None) -> dict:
+    summary = EE.metrics_of(log_probs, LABELS)
+    calibration = {"split": "test", "bins": 15, **summary, "log_probs": pack_log_probs(log_probs, LABELS)}
+    if members is not None:
+        calibration["members"] = [EE.metrics_of(m, LABELS) for m in members]
+        calibration["disagreement"] = float((members[0].argmax(1) != members[1].argmax(1)).mean())
+    pred = log_probs.argmax(1)
+    return {"final": {"test_accuracy": summary["accuracy"], "val_accuracy": summary["accuracy"]},
+            "history": [{"epoch": 1, "train_images_per_second": 1000.0, "epoch_seconds": 60.0}], "wall_time_s": 60.0,
+            "costs": {"params_total": 769_290, "params_activated": 306_000, "flops_per_image": flops},
+            "predictions": pack_predictions(pred, LABELS, np.exp(log_probs[np.arange(N_IMAGES), LABELS])),
+            "extra": {"calibration": calibration}}
+
+
+def _sweep(e3_strength: float = 2.6, single_strength: float = 2.0, deep_diverse: bool = True, e3_seeds=4):
+    plain = EE.chapter.plain_configs(EE.chapter.preset("cpu"))
+    runs = []
+    for s in range(2 * e3_seeds):
+        noise_seed = 1000 + s if deep_diverse else 1000  # identical singles: a deep ensemble gains nothing
+        runs.append(RunResult(EE.SINGLE, s, EE.single_config(plain["moe"]),
+                              _record(_log_probs(single_strength, noise_seed), 10.6e6), {}, Path("x")))
+    for s in range(e3_seeds):
+        members = [_log_probs(e3_strength, 2000 + 10 * s + m) for m in range(2)]
+        ens = ensemble_log_probs(members)
+        runs.append(RunResult(EE.E3, s, EE.e3_config(plain["moe"]), _record(ens, 15.8e6, members), {}, Path("x")))
+    for s in range(2):
+        runs.append(RunResult(EE.DENSE, s, EE.single_config(plain["dense"]),
+                              _record(_log_probs(1.8, 3000 + s), 10.5e6), {}, Path("x")))
+    return ChapterResults(EE.NAME, "cpu", runs)
+
+
+def _verdicts(results):
+    claims = EE.chapter.claims("cpu")
+    return {v.claim_id: v for v in decide_family(claims, EE.chapter.test_results(results))}
+
+
+def test_chapter_claims_are_declared_with_their_control_and_units():
+    claims = EE.chapter.claims("cpu")
+    ids = [c.id for c in claims]
+    assert ids[0] == EE.CONTROL and claims[0].kind == "control"
+    assert {f"e3_beats_single_{m}" for m in EE.METRICS} <= set(ids)
+    assert {f"e3_beats_single_{m}_per_image" for m in EE.METRICS} <= set(ids)
+    assert all(c.control == EE.CONTROL for c in claims[1:])
+    assert all(c.paper.paper == "e3" for c in claims[1:])
+    by_id = {c.id: c for c in claims}
+    assert by_id["e3_beats_single_nll"].direction == "less" and by_id["e3_beats_single_accuracy"].direction == "greater"
+    assert by_id["e3_noninferior_deep_ensemble_nll"].test == "noninferiority"
+
+
+def test_deep_ensembles_pair_seed_i_with_seed_n_plus_i():
+    results = _sweep()
+    pairs = EE.deep_ensembles(results)
+    assert [(i, a.seed, b.seed) for i, a, b in pairs] == [(0, 0, 4), (1, 1, 5), (2, 2, 6), (3, 3, 7)]
+    short = ChapterResults(EE.NAME, "cpu", [r for r in results.results if not (r.name == EE.SINGLE and r.seed == 5)])
+    assert [i for i, *_ in EE.deep_ensembles(short)] == [0, 2, 3]
+
+
+def test_claims_flip_with_the_numbers():
+    better = _verdicts(_sweep(e3_strength=2.6))
+    assert better[EE.CONTROL].verdict == "passed"
+    for claim in ("e3_beats_single_accuracy", "e3_beats_single_nll", "e3_beats_single_accuracy_per_image",
+                  "e3_beats_single_nll_per_image"):
+        assert better[claim].verdict == "reproduced", (claim, better[claim].why)
+    worse = _verdicts(_sweep(e3_strength=1.4))
+    assert worse[EE.CONTROL].verdict == "passed"
+    for claim in ("e3_beats_single_accuracy", "e3_beats_single_nll", "e3_beats_single_accuracy_per_image",
+                  "e3_beats_single_nll_per_image", "e3_noninferior_deep_ensemble_nll_per_image"):
+        assert worse[claim].verdict == "not reproduced", (claim, worse[claim].why)
+    assert better["e3_noninferior_deep_ensemble_nll_per_image"].verdict == "reproduced"
+
+
+def test_every_claim_is_not_testable_when_ensembling_carries_no_weight():
+    verdicts = _verdicts(_sweep(deep_diverse=False))
+    assert verdicts[EE.CONTROL].verdict == "failed"
+    assert "effect" in verdicts[EE.CONTROL].why  # not "cost": the control is an NLL gain
+    assert all(v.verdict == "not testable" for k, v in verdicts.items() if k != EE.CONTROL)
+
+
+def test_tables_figures_and_findings_read_the_synthetic_sweep():
+    import matplotlib.pyplot as plt
+
+    results = _sweep()
+    arms = EE.chapter.arm_table(results)
+    assert list(arms.index) == ["dense ViT", "single MoE (8 experts, k = 1)", "E³ (2 x 4 experts, k = 1 each)",
+                                "deep ensemble of 2 single MoEs"]
+    assert arms.loc["E³ (2 x 4 experts, k = 1 each)", "FLOPs vs deep ens."] == f"{15.8 / 21.2:.2f}x"
+    members = EE.chapter.members_table(results)
+    assert {"E³: the ensemble", "deep ensemble: the ensemble"} <= set(members.index)
+    text = EE.chapter.findings(results)
+    assert "E³ minus single MoE" in text and "% fewer" in text
+    for fig in (EE.chapter.plot_metrics_vs_flops(results), EE.chapter.plot_reliability(results)):
+        assert fig.axes
+        plt.close(fig)

@@ -22,6 +22,8 @@ from .moe_utils import (
     upcycle_from_dense,
 )
 from .moe_vit import moe_vit_from_dense, moe_vit_model_names
+from .ensemble import (attach_ensemble, ensemble_log_probs, ensemble_size, ensemble_targets, member_log_probs,
+                       members_apart)
 from .placement import resolve_moe_layers, resolve_stage_moe_layers
 from .timm_contract import TIMM_CONTRACT_EXCLUSIONS
 
@@ -41,6 +43,12 @@ __all__ += [
     "set_routing",
     "TIMM_CONTRACT_EXCLUSIONS",
     "upcycle_from_dense",
+    "attach_ensemble",
+    "ensemble_log_probs",
+    "ensemble_size",
+    "ensemble_targets",
+    "member_log_probs",
+    "members_apart",
 ]
 
 

@@ -10,6 +10,9 @@ Registry names, algorithms and papers:
 * ``soft`` — Soft MoE: softmax over tokens / over slots (arXiv:2308.00951)
 * ``per_image`` — one decision per image, with super-class guidance (Mobile V-MoE, arXiv:2309.04354)
 
+:class:`EnsembleRouter` splits the experts among the members of an efficient ensemble of experts (E³,
+arXiv:2110.03360), one of the sparse routers above per member.
+
 Each allocation step is also a pure function of the router logits (or, for Soft MoE,
 of the tokens and slot parameters): :func:`top_k_token_choice`, :func:`expert_choice`,
 :func:`sinkhorn`, :func:`sparse_expert_choice`, :func:`soft_moe_weights`; the capacity
@@ -22,6 +25,7 @@ Routers never set an ``aux_loss`` attribute on themselves: the MoE layer copies
 
 from .base import LazyMetrics, Routing
 from .capacity import compute_capacity
+from .ensemble_routing import ENSEMBLE_ROUTERS, EnsembleRouter, merge_member_routings
 from .expert_choice_routing import ExpertChoice, SoftmaxExpertChoiceRouter, expert_choice
 from .gates import GATES, CosineGate, L2Gate, LinearGate, MLPGate, create_gate
 from .losses import balance_loss, importance_loss, load_loss, superclass_loss, z_loss
@@ -40,6 +44,9 @@ from .token_choice_routing import SoftmaxTokenChoiceRouter, TokenChoice, top_k_t
 
 __all__ = [
     "CosineGate",
+    "ENSEMBLE_ROUTERS",
+    "EnsembleRouter",
+    "merge_member_routings",
     "L2Gate",
     "GATES",
     "ExpertChoice",
