@@ -3,10 +3,7 @@
 The E³ chapter (and anyone comparing ensembles) needs more than the accuracy: the negative log-likelihood (NLL) of the
 true class and the **expected calibration error** (ECE, Guo et al., ICML 2017; Naeini et al., AAAI 2015): test images
 are put in ``bins`` equal-width bins of their confidence (the top class's probability) and
-
-    ECE = sum_b (n_b / n) * | accuracy_b - mean confidence_b |,
-
-0 for a perfectly calibrated model. The book uses 15 bins (Guo et al.'s choice, used by the uncertainty baselines the
+``ECE = sum_b (n_b / n) * abs(accuracy_b - mean_confidence_b)``, 0 for a perfectly calibrated model. The book uses 15 bins (Guo et al.'s choice, used by the uncertainty baselines the
 E³ paper builds on). An ensemble's prediction is the mean of its members' probabilities (:func:`ensemble_log_probs`).
 
 Per-image log-probabilities travel in run records as float16, compressed (:func:`pack_log_probs`): about 40 % of
