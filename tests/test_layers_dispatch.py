@@ -20,7 +20,7 @@ from vmoe_lib.errors import ConfigError
 from vmoe_lib.layers import BACKENDS, ExpertBank, dispatch_combine, grouped_mm_supported, resolve_backend
 from vmoe_lib.routers.base import Routing
 
-SPARSE_BACKENDS = ("einsum", "sort", "segment", "grouped_mm", "auto")
+SPARSE_BACKENDS = ("einsum", "sort", "segment", "grouped_mm", "static", "auto")
 
 
 def _routing(G, S, E, C, entries, weights=None):

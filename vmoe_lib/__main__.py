@@ -50,6 +50,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--preset", default="cpu", help="smoke, cpu (the results of record) or gpu; default cpu")
     run.add_argument("--seeds", type=int, nargs="*", default=None, help="default: the preset's seeds")
     run.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    run.add_argument("--compile", action="store_true",
+                     help="train the missing runs under torch.compile (the MoE layers' static-shape path); off by "
+                     "default, recorded in each manifest; the results of record are eager")
     run.add_argument("--overrides", default=None,
                      help='JSON dict of TrainConfig fields, e.g. \'{"epochs": 2}\'; nested dicts (model_kwargs) merge')
     run.add_argument("--workers", default="1",
@@ -139,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     slurm = _slurm_options(args) if args.executor == "slurm" else None
     try:
         results = chapter.run(args.preset, seeds=args.seeds, device=args.device, overrides=overrides,
-                              progress=not args.no_progress, workers=args.workers, executor=args.executor, slurm=slurm)
+                              progress=not args.no_progress, workers=args.workers, executor=args.executor, slurm=slurm,
+                              compile=args.compile)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -123,6 +123,7 @@ def load_runs(
     progress: bool = True,
     keep_weights: bool = False,
     require: bool | None = None,
+    compile: bool = False,
     executor: str = "inline",
     workers: int | str = 1,
     slurm: Mapping[str, Any] | None = None,
@@ -134,6 +135,8 @@ def load_runs(
         specs: the runs, each with its own seeds and folder (:class:`RunSpec`).
         preset: the folder under ``results/``: ``smoke``, ``cpu``, ``gpu`` (results of record) or ``custom``.
         device: where missing runs train.
+        compile: train the missing runs' steps under ``torch.compile`` (:func:`vmoe_lib.train.train_model`); off by
+            default. Not part of a result's key: the manifest records it.
         keep_weights: save final weights to ``.cache/vmoe/weights`` (git-ignored).
         require: never train; raise :class:`MissingResultError` for a missing or stale result. Defaults to
             ``$VMOE_REQUIRE_RESULTS``.
@@ -151,6 +154,8 @@ def load_runs(
     Returns:
         One :class:`RunResult` per (run, seed), runs in the order given, each run's seeds in its order.
     """
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile={compile!r} is invalid; it must be True or False")
     if not specs:
         raise ConfigError("runs is empty; a sweep needs at least one config")
     pairs = [(s.name, seed) for s in specs for seed in s.seeds]
@@ -194,7 +199,7 @@ def load_runs(
         git_sha = _git_sha()  # the code that trains, read before any run starts
         tasks = [
             RunTask(spec.chapter, preset, spec.stored_as or spec.name, seed, spec.config, key, path, cache_root(),
-                    hash_extra=spec.hash_extra, extra_eval=spec.extra_eval, device=device, keep_weights=keep_weights,
+                    hash_extra=spec.hash_extra, extra_eval=spec.extra_eval, device=device, compile=compile, keep_weights=keep_weights,
                     git_sha=git_sha, regenerate=regenerate or regenerate_command(spec.chapter, preset))
             for spec, seed, key, path in todo
         ]

@@ -100,6 +100,7 @@ class RunTask:
     hash_extra: Mapping[str, Any] | None = None
     extra_eval: Callable | None = None
     device: str = "auto"
+    compile: bool = False
     keep_weights: bool = False
     git_sha: str | None = None
     regenerate: str = ""
@@ -249,7 +250,8 @@ def execute_task(task: RunTask, *, progress: bool = False, wait: bool = False, w
             return RunOutcome(task.name, task.seed, "present", worker=worker, seconds=time.time() - started)
         try:
             record = train_model(
-                task.config, task.seed, device=task.device, checkpoint_path=task.checkpoint, progress=progress,
+                task.config, task.seed, device=task.device, compile=task.compile, checkpoint_path=task.checkpoint,
+                progress=progress,
                 extra_eval=task.extra_eval, weights_path=task.weights if task.keep_weights else None, run_label=task.label,
                 distributed=ranks,
             )

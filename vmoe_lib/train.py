@@ -417,6 +417,7 @@ def train_model(
     weights_path: str | os.PathLike | None = None,
     run_label: str | None = None,
     distributed: DistributedContext | None = None,
+    compile: bool = False,
 ) -> dict[str, Any] | None:
     """Train ``config`` with ``seed``; return its record (history, final metrics, costs).
 
@@ -435,6 +436,10 @@ def train_model(
             starts the processes). Every rank trains on its share of each global batch
             (``config.batch_size`` stays the global batch); rank 0 writes the checkpoint and weights and
             returns the record, the other ranks return ``None``. ``None``: this process alone.
+        compile: run the training step's forward and backward through ``torch.compile`` (default settings; the MoE
+            layers take their static-shape path, :mod:`vmoe_lib.layers.dispatch`). Off by default: the results of
+            record are eager. Evaluation stays eager. Compiled kernels round differently, so a compiled run's
+            numbers are not bit-identical to an eager run's; the record (and its manifest) says ``compile``.
 
     Raises:
         TrainingDiverged: the loss became non-finite; the message names the run, the step and the
@@ -449,6 +454,8 @@ def train_model(
         data-parallel run ``distributed`` (world size, backend, strategy).
     """
     config.validate()
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile={compile!r} is invalid; it must be True or False")
     dev = resolve_device(device)
     ctx = distributed if distributed is not None and distributed.world_size > 1 else None
     if ctx is not None and dev.type == "cuda" and dev.index is None:
@@ -491,6 +498,8 @@ def train_model(
         if saved is not None:
             model.load_state_dict(saved["model"])  # before wrapping: DDP broadcasts rank 0's, FSDP2 shards it
         net = wrap_model(model, ctx, dev)
+    if compile:
+        net = torch.compile(net)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
@@ -662,6 +671,8 @@ def train_model(
     }
     if ctx is not None:
         record["distributed"] = ctx.describe()
+    if compile:
+        record["compiled"] = True  # only then: an eager record stays as it was before the option existed
     return record
 
 

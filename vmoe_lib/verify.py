@@ -169,7 +169,8 @@ def verify_chapter(chapter: str, preset: str = "cpu", *, sample: int = 1, seed: 
                                   f"probe settings {hash_extra!r} changed since): it is stale, not verifiable")
             task = RunTask(chapter, preset, manifest["run"], int(manifest["seed"]), TrainConfig.from_dict(manifest["config"]),
                            manifest["config_hash"], Path(scratch) / "results" / path.name, Path(scratch) / "cache",
-                           hash_extra=hash_extra, extra_eval=spec.extra_eval, device=record.get("device", "cpu"))
+                           hash_extra=hash_extra, extra_eval=spec.extra_eval, device=record.get("device", "cpu"),
+                           compile=bool(manifest.get("compile", False)))
             # A record trained data-parallel (the torchrun executor) is rerun the same way: the same number of
             # processes sums in the same order, so its rerun can be identical; one process could not be.
             world = int((record.get("distributed") or {}).get("world_size", 1))

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis import bypass_correct_of, correct_of, load_cv, routing_of
-from ..errors import ConfigError, check_choice
+from ..errors import ConfigError, check_bool, check_choice
 from ..results import RunResult, RunSpec, load_runs, regenerate_command, results_root
 from ..stats import (Claim, TestResult, VerdictRecord, decide_family, interaction, mcnemar, mde, noninferiority,
                      paired_bootstrap, paired_t, power_table, seeds_for_mde, tost, write_verdict_records)
@@ -620,7 +620,7 @@ class Chapter:
     # -- plan -> sweep -> results -------------------------------------------------------------------------------
     def run(self, preset: str = "smoke", seeds: Any = None, device: str = "auto", overrides: Any = None,
             progress: bool = True, *, workers: int | str = 1, executor: str = "local",
-            slurm: Mapping[str, Any] | None = None) -> ChapterResults:
+            slurm: Mapping[str, Any] | None = None, compile: bool = False) -> ChapterResults:
         """Load the preset's results, training whatever is missing (unless results are required), all from one queue.
 
         Args:
@@ -635,20 +635,23 @@ class Chapter:
             executor: ``local`` (pinned worker processes, the default), ``inline``, ``slurm`` or ``torchrun``
                 (see :mod:`vmoe_lib.sweep`).
             slurm: options of the ``slurm`` executor.
+            compile: train the missing runs under ``torch.compile`` (off by default; the manifests record it).
         """
         check_choice("executor", executor, EXECUTORS)
+        check_bool("compile", compile)
         check_device(device, here=executor != "slurm")  # a bad value fails here, before anything loads
         resolve_workers(workers, device)
         parse_seeds(seeds), parse_overrides(overrides)  # bad values fail before the prerequisites train
         first = self._prerequisite_specs(self.preset(preset))
         if first:  # a two-stage design: the runs the plan is computed from, trained (or read) first
             load_runs(first, preset, device=device, progress=progress, executor=executor, workers=workers,
-                      slurm=slurm, regenerate=regenerate_command(self.name, preset))
+                      slurm=slurm, compile=compile, regenerate=regenerate_command(self.name, preset))
         plan = self.plan(preset, seeds, overrides)
         for note in plan.notes:
             print(note, flush=True)
         results = load_runs(plan.specs, plan.folder, device=device, progress=progress, executor=executor,
-                            workers=workers, slurm=slurm, regenerate=regenerate_command(self.name, preset))
+                            workers=workers, slurm=slurm, regenerate=regenerate_command(self.name, preset),
+                            compile=compile)
         if not plan.of_record and plan.folder != "custom":
             print(f"seeds {list(plan.specs[0].seeds)} are not preset {preset!r}'s own: verdicts go to "
                   f"results/custom/{self.name}/, not to the verdicts of record", flush=True)

@@ -262,6 +262,7 @@ class ExpertParallel:
                 "expert parallelism needs a sparse routing ((token, expert) pairs); this layer's router returned a "
                 "dense (Soft MoE) routing"
             )
+        routing = routing.compact()  # a static routing's dropped choices travel nowhere
         G, S, D = x.shape
         if (G, S) != (routing.num_groups, routing.group_size):
             raise ValueError(f"routing is for (G, S)=({routing.num_groups}, {routing.group_size}); x has {(G, S)}")

@@ -33,7 +33,15 @@ Every backend computes the same function (routers study, arXiv:2401.15969, Sec. 
     (``torch._grouped_mm`` on older builds) with per-expert offsets: no
     padding, no host sync. Used where the installed torch, device, dtype and
     widths support it (probed once); elsewhere it falls back to ``sort``.
+``static``
+    Sparse routings, with tensor sizes fixed by ``(G, S, E, C)`` alone (what ``torch.compile``
+    and ``torch.export`` need: no ``nonzero``, ``bincount`` or host sync). Each kept pair is
+    added into its ``(expert, group, slot)`` row of an ``(E, G*C, D)`` buffer (the reference's
+    dispatch), the experts run as one batched matmul on every slot, used or not, and each pair
+    reads its row back times its combine weight. A static routing's dropped choices
+    (:attr:`~vmoe_lib.routers.base.Routing.is_static`) go to one extra row nobody reads back.
 ``auto``
+    While compiling or exporting (``torch.compiler.is_compiling()``): ``static``.
     CPU: ``segment``. GPU: ``grouped_mm`` where supported, else ``sort`` (one
     kernel per layer; ``E`` small kernels and a host sync cost more there).
     Under a torch dispatch mode (e.g. ``FlopCounterMode``): ``segment``, so FLOP
@@ -47,7 +55,6 @@ same arithmetic as the einsum without re-laying out ``(G, S, E, P)``.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -58,21 +65,38 @@ from .experts import ExpertBank, grouped_mm_supported
 
 __all__ = ["BACKENDS", "DispatchInfo", "dispatch_combine", "resolve_backend"]
 
-BACKENDS = ("auto", "einsum", "sort", "segment", "grouped_mm")
+BACKENDS = ("auto", "einsum", "sort", "segment", "grouped_mm", "static")
 
 
-@dataclass
 class DispatchInfo:
     """What one dispatch computed, for FLOP accounting and statistics.
 
     ``pairs``: (token, expert) pairs (sparse) or slots (soft) the experts really
     processed; ``rows_computed``: rows the expert matmuls ran on (``pairs`` plus
-    padding or empty capacity slots); ``backend``: the backend that ran.
+    padding or empty capacity slots); ``backend``: the backend that ran. The ``static``
+    backend hands ``pairs`` as a 0-dim tensor (its value is data, not a size); reading
+    ``info.pairs`` turns it into an int then.
     """
 
-    backend: str
-    pairs: int
-    rows_computed: int
+    __slots__ = ("backend", "_pairs", "rows_computed")
+
+    def __init__(self, backend: str, pairs: int | torch.Tensor, rows_computed: int) -> None:
+        self.backend = backend
+        self._pairs = pairs
+        self.rows_computed = rows_computed
+
+    @property
+    def pairs(self) -> int:
+        """(token, expert) pairs (or soft slots) the experts processed."""
+        return int(self._pairs)
+
+    def __repr__(self) -> str:
+        return f"DispatchInfo(backend={self.backend!r}, pairs={self.pairs}, rows_computed={self.rows_computed})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DispatchInfo):
+            return NotImplemented
+        return (self.backend, self.pairs, self.rows_computed) == (other.backend, other.pairs, other.rows_computed)
 
 
 def resolve_backend(backend: str, routing: Routing, x: torch.Tensor, experts: ExpertBank) -> str:
@@ -84,6 +108,8 @@ def resolve_backend(backend: str, routing: Routing, x: torch.Tensor, experts: Ex
         return "einsum"
     if not routing.is_sparse:
         return "soft"
+    if backend == "static" or (backend == "auto" and torch.compiler.is_compiling()):
+        return "static"
     if backend == "auto" and _get_current_dispatch_mode() is not None:
         # Under a dispatch mode (FlopCounterMode, memory trackers...): exact rows, plain addmm,
         # so that counted FLOPs are those of the processed pairs, never padding.
@@ -104,11 +130,33 @@ def dispatch_combine(
     if (G, S) != (routing.num_groups, routing.group_size):
         raise ValueError(f"routing is for (G, S)=({routing.num_groups}, {routing.group_size}); x has {(G, S)}")
     name = resolve_backend(backend, routing, x, experts)
-    if name == "einsum":
-        return _einsum(x, routing, experts)
+    if name == "static":
+        return _static(x, routing, experts)
     if name == "soft":
         return _soft_bmm(x, routing, experts)
-    return _sorted(x, routing, experts, name)
+    if name == "einsum":
+        return _einsum(x, routing, experts)
+    return _sorted(x, routing.compact(), experts, name)  # data-dependent sizes: the kept pairs only
+
+
+def _static(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> tuple[torch.Tensor, DispatchInfo]:
+    G, S, D = x.shape
+    E, C = routing.num_experts, routing.capacity
+    rows = routing.group_index * S + routing.token_index  # (N,) rows of x_flat
+    position = (routing.expert_index * G + routing.group_index) * C + routing.slot_index  # row of the (E*G*C) buffer
+    weights = routing.combine_weight.to(x.dtype)
+    if routing.kept is None:
+        pairs: int | torch.Tensor = rows.numel()
+    else:  # dropped choices: into the extra row E*G*C, read back times 0
+        position = torch.where(routing.kept, position, E * G * C)
+        weights = weights * routing.kept.to(x.dtype)
+        pairs = routing.kept.sum()
+    x_flat = x.reshape(G * S, D)
+    buffer = x.new_zeros(E * G * C + 1, D).index_add(0, position, x_flat.index_select(0, rows))
+    out = experts(buffer[: E * G * C].view(E, G * C, D)).reshape(E * G * C, -1)  # (E*G*C, O)
+    out = torch.cat([out, out.new_zeros(1, out.shape[1])])
+    y = x_flat.new_zeros(G * S, out.shape[1]).index_add(0, rows, out.index_select(0, position) * weights.unsqueeze(1))
+    return y.view(G, S, -1), DispatchInfo("static", pairs, E * G * C)
 
 
 def _einsum(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> tuple[torch.Tensor, DispatchInfo]:
@@ -117,7 +165,10 @@ def _einsum(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> tuple[tor
     expert_in = torch.einsum("gsec,gsd->egcd", dispatch.to(x.dtype), x)
     expert_out = experts(expert_in.reshape(E, G * C, -1)).view(E, G, C, -1)
     y = torch.einsum("gsec,egco->gso", combine.to(x.dtype), expert_out)
-    pairs = routing.expert_index.numel() if routing.is_sparse else G * E * C
+    if not routing.is_sparse:
+        pairs: int | torch.Tensor = G * E * C
+    else:
+        pairs = routing.expert_index.numel() if routing.kept is None else routing.kept.sum()
     return y, DispatchInfo("einsum", pairs, E * G * C)
 
 

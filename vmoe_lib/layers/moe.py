@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, check_bool, check_choice, check_positive, check_range
 from ..routers.base import Routing
+from ..routers.ops import static_shapes
 from .dispatch import BACKENDS, DispatchInfo, dispatch_combine
 from .experts import EXPERT_INITS, ExpertBank
 from .shared_expert import SharedExpert
@@ -90,22 +91,28 @@ def _expand_image_routing(routing: Routing, tokens: int) -> Routing:
     """Re-express a per-image routing for ``tokens`` tokens per image (a later stage's size).
 
     Each image's choices are read from its token 0 and given to all its tokens,
-    slot = token index, capacity = ``tokens`` (the per-image router's convention).
+    slot = token index, capacity = ``tokens`` (the per-image router's convention). The per-image
+    router lists its entries image by image, token by token, choice by choice, so token 0's are
+    the first ``k`` of each image: read by a reshape, with sizes that never depend on the data.
     """
-    first = routing.token_index == 0
-    group, expert, weight = routing.group_index[first], routing.expert_index[first], routing.combine_weight[first]
-    t = torch.arange(tokens, device=group.device)
-    n = group.numel()
+    G, S = routing.num_groups, routing.group_size
+    k = routing.expert_index.numel() // (G * S)
+    shape = (G, tokens, k)
+
+    def first_token(values: torch.Tensor) -> torch.Tensor:  # (G*S*k,) -> (G, tokens, k)
+        return values.view(G, S, k)[:, :1].expand(shape).reshape(-1)
+
+    t = torch.arange(tokens, device=routing.expert_index.device).view(1, -1, 1).expand(shape).reshape(-1)
     return Routing(
-        num_groups=routing.num_groups,
+        num_groups=G,
         group_size=tokens,
         num_experts=routing.num_experts,
         capacity=tokens,
-        group_index=group.repeat_interleave(tokens),
-        token_index=t.repeat(n),
-        expert_index=expert.repeat_interleave(tokens),
-        slot_index=t.repeat(n),
-        combine_weight=weight.repeat_interleave(tokens),
+        group_index=first_token(routing.group_index),
+        token_index=t,
+        expert_index=first_token(routing.expert_index),
+        slot_index=t,
+        combine_weight=first_token(routing.combine_weight),
         aux_loss=None,
         metrics=routing.metrics,
     )
@@ -133,7 +140,9 @@ class MoEMlp(nn.Module):
             :meth:`load_dense_mlp` after building.
         init_std: ``None`` (``nn.Linear`` default init) or the truncated-normal std
             of timm's ViT/ConvNeXt init.
-        backend: ``"auto"``, ``"einsum"``, ``"sort"``, ``"segment"`` or ``"grouped_mm"`` (:mod:`.dispatch`);
+        backend: ``"auto"``, ``"einsum"``, ``"sort"``, ``"segment"``, ``"grouped_mm"`` or ``"static"``
+            (:mod:`.dispatch`; ``"auto"`` takes the static path while compiling or exporting, and
+            ``"static"`` takes it in eager mode too);
             not used once :func:`vmoe_lib.distributed.enable_expert_parallel` has split the experts
             over ranks (the ``expert_parallel`` attribute then dispatches).
         routing_share, routing_leader: share one per-image routing across layers.
@@ -339,7 +348,11 @@ class MoEMlp(nn.Module):
 
     def _route(self, x: torch.Tensor) -> Routing:
         if self.router is not None:
-            routing = self.router(x)
+            if self.backend == "static" and not torch.compiler.is_compiling():
+                with static_shapes():  # the router's static routing in eager mode too
+                    routing = self.router(x)
+            else:
+                routing = self.router(x)
             if self.routing_share is not None:
                 self.routing_share.routing = routing
             return routing
@@ -389,7 +402,9 @@ class MoEMlp(nn.Module):
             y, info = dispatch_combine(xg, routing, self.experts, self.backend)
         else:
             y, info = self.expert_parallel.dispatch_combine(xg, routing, self.experts)
-        self.aux_loss = routing.aux_loss if self.router is not None else None
+        # An exported program returns the model's outputs only: an attribute set during torch.export is not one of them.
+        exporting = torch.compiler.is_exporting()
+        self.aux_loss = routing.aux_loss if self.router is not None and not exporting else None
         self.last_metrics = routing.metrics
         self.last_dispatch = info
         self.last_tokens = xg.shape[0] * xg.shape[1] // M  # tokens of the images (an E³ copy set counts once)

@@ -73,6 +73,7 @@ class _LayerRecord:
     def update(self, routing: Routing, images_per_group: int, tokens_per_image: int, copies: int = 1) -> None:
         """Add one forward's routing. ``copies``: an E³ layer routes ``copies`` member-major copies of the batch
         (copy ``m`` of image ``i`` is image ``m * B + i``), so each label is used for every copy."""
+        routing = routing.compact()  # a static routing's dropped choices are not assignments
         E = self.num_experts
         G, S = routing.num_groups, routing.group_size
         labels = self.recorder.labels

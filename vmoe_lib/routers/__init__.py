@@ -39,6 +39,7 @@ from .sparse_ot_routing import (
     sparse_simplex_projection,
     sparsity_constrained_plan,
 )
+from .ops import static_shapes, static_shapes_active
 from .stats import gate_entropy
 from .token_choice_routing import SoftmaxTokenChoiceRouter, TokenChoice, top_k_token_choice
 
@@ -79,6 +80,8 @@ __all__ = [
     "sparse_expert_choice",
     "sparse_simplex_projection",
     "sparsity_constrained_plan",
+    "static_shapes",
+    "static_shapes_active",
     "superclass_loss",
     "top_k_token_choice",
     "z_loss",

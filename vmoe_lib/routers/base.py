@@ -24,7 +24,7 @@ dispatch/combine tensors for either kind, for analysis and tests.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -79,6 +79,12 @@ class Routing:
     ``(group, expert, slot)`` triple appears at most once and ``slot < capacity``.
     Tokens that appear in no entry were dropped: they pass on the residual only.
 
+    A *static* sparse routing (:attr:`is_static`; made when compiling or exporting, or inside
+    :func:`vmoe_lib.routers.static_shapes`) also fills ``kept`` ``(N,)`` bool: it lists every
+    choice a router made, ``N`` fixed by ``(G, S, E, C, k)`` alone, and the choices whose ``kept`` is
+    False were dropped (their ``slot_index`` may be ``>= C``). :meth:`compact` returns the same
+    routing without them, as the eager routers make it.
+
     Soft routings (Soft MoE) fill ``dispatch_dense`` and ``combine_dense``
     (both ``(G, S, E, C)``) and leave the index fields ``None``.
 
@@ -99,6 +105,7 @@ class Routing:
     combine_weight: torch.Tensor | None = None
     dispatch_dense: torch.Tensor | None = None
     combine_dense: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
@@ -106,6 +113,23 @@ class Routing:
     def is_sparse(self) -> bool:
         """True when the routing is given by assignment entries (not dense soft weights)."""
         return self.dispatch_dense is None
+
+    @property
+    def is_static(self) -> bool:
+        """True for a static sparse routing (entries for dropped choices too, marked by ``kept``)."""
+        return self.kept is not None
+
+    def compact(self) -> Routing:
+        """This routing with only the kept entries (itself when it is not static).
+
+        The entries keep their order. Needs the data (``nonzero``, a host sync on a GPU): read a
+        static routing's statistics with it after the forward, not inside a compiled region.
+        """
+        if self.kept is None:
+            return self
+        index = self.kept.nonzero().squeeze(1)
+        fields = ("group_index", "token_index", "expert_index", "slot_index", "combine_weight")
+        return replace(self, kept=None, **{name: getattr(self, name).index_select(0, index) for name in fields})
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``(dispatch, combine)`` tensors, each ``(G, S, E, C)``.
@@ -123,15 +147,17 @@ class Routing:
         ) * self.capacity + self.slot_index
         numel = shape[0] * shape[1] * shape[2] * shape[3]
         weights = self.combine_weight
-        combine = weights.new_zeros(numel).index_put((flat,), weights, accumulate=True).view(shape)
-        dispatch = weights.new_zeros(numel).index_put(
-            (flat,), torch.ones_like(weights), accumulate=True
-        ).view(shape)
+        ones = torch.ones_like(weights)
+        if self.kept is not None:  # a static routing's dropped choices land in one extra element, cut off below
+            flat = torch.where(self.kept, flat, numel)
+        combine = weights.new_zeros(numel + 1).index_put((flat,), weights, accumulate=True)[:numel].view(shape)
+        dispatch = weights.new_zeros(numel + 1).index_put((flat,), ones, accumulate=True)[:numel].view(shape)
         return dispatch, combine
 
     def tokens_per_expert(self) -> torch.Tensor:
         """Number of (token, slot) assignments each expert received, summed over groups: ``(E,)``."""
         if self.is_sparse:
-            return torch.bincount(self.expert_index, minlength=self.num_experts)
+            expert = self.expert_index if self.kept is None else self.expert_index[self.kept]
+            return torch.bincount(expert, minlength=self.num_experts)
         dispatch, _ = self.dense()
         return dispatch.sum(dim=(0, 1, 3))

@@ -52,6 +52,13 @@ def _merge_metrics(members: list[Mapping[str, torch.Tensor]], experts_per_member
     return out
 
 
+def _merged_kept(routings: list[Routing]) -> torch.Tensor | None:
+    """The merged ``kept`` mask when any member's routing is static (a compact one keeps all its entries)."""
+    if not any(r.is_static for r in routings):
+        return None
+    return torch.cat([r.kept if r.is_static else torch.ones_like(r.expert_index, dtype=torch.bool) for r in routings])
+
+
 def merge_member_routings(routings: list[Routing], experts_per_member: int) -> Routing:
     """One :class:`Routing` over ``M * experts_per_member`` experts from the members' routings (member ``m``'s groups
     after member ``m - 1``'s, its experts offset by ``m * experts_per_member``). All members must route the same number
@@ -80,6 +87,7 @@ def merge_member_routings(routings: list[Routing], experts_per_member: int) -> R
         expert_index=torch.cat([r.expert_index + m * experts_per_member for m, r in enumerate(routings)]),
         slot_index=torch.cat([r.slot_index for r in routings]),
         combine_weight=torch.cat([r.combine_weight for r in routings]),
+        kept=_merged_kept(routings),
         aux_loss=torch.stack(losses).mean() if len(losses) == len(routings) else None,
         metrics=LazyMetrics(lambda: _merge_metrics(metrics, experts_per_member)),
     )

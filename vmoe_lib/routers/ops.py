@@ -23,7 +23,37 @@ __all__ = [
     "l2_normalize",
     "softmax_experts",
     "stable_top_k",
+    "static_shapes",
+    "static_shapes_active",
 ]
+
+_static_depth = 0  # open static_shapes() contexts
+
+
+@contextlib.contextmanager
+def static_shapes(enabled: bool = True) -> Iterator[None]:
+    """Make the routers inside return static routings (:attr:`.Routing.is_static`) in eager mode too.
+
+    Under ``torch.compile`` and ``torch.export`` they always do (see :func:`static_shapes_active`);
+    this context lets eager code (tests, benchmarks, a user comparing the two paths) take the
+    same path::
+
+        with vmoe_lib.routers.static_shapes():
+            y = model(x)   # every sparse routing static, dispatched by the static backend
+    """
+    global _static_depth
+    _static_depth += int(enabled)
+    try:
+        yield
+    finally:
+        _static_depth -= int(enabled)
+
+
+def static_shapes_active() -> bool:
+    """True while compiling or exporting (``torch.compiler.is_compiling()``) or inside
+    :func:`static_shapes`: routers then make routings whose tensor sizes depend only on
+    ``(G, S, E, C, k)``, never on the data."""
+    return _static_depth > 0 or torch.compiler.is_compiling()
 
 
 def check_rank3(name: str, tensor: torch.Tensor, last_dim: int | None = None, letters: str = "G, S, D") -> None:

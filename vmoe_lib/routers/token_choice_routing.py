@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import Routing
 from .losses import balance_loss, importance_loss, load_loss, z_loss
-from .ops import Setting, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
+from .ops import (Setting, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k,
+                  static_shapes_active)
 from .router import CapacityRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
@@ -96,6 +97,7 @@ def token_choice_routing(
     *,
     capacity: int,
     num_experts: int,
+    static: bool = False,
 ) -> Routing:
     """Compact :class:`Routing` of the kept choices (entries ordered by group, token, choice).
 
@@ -104,8 +106,26 @@ def token_choice_routing(
         combine_weight: ``(G, S, K)`` combine weight of each choice.
         capacity: ``C``.
         num_experts: ``E``.
+        static: return every choice instead, dropped ones marked by ``kept`` (a static routing:
+            ``G*S*K`` entries whatever the data, see :attr:`.Routing.is_static`); its
+            :meth:`~.Routing.compact` is the compact routing.
     """
     num_groups, group_size, k = choice.expert_index.shape
+    if static:
+        shape = choice.expert_index.shape
+        device = choice.expert_index.device
+        return Routing(
+            num_groups=num_groups,
+            group_size=group_size,
+            num_experts=num_experts,
+            capacity=capacity,
+            group_index=torch.arange(num_groups, device=device).view(-1, 1, 1).expand(shape).reshape(-1),
+            token_index=torch.arange(group_size, device=device).view(1, -1, 1).expand(shape).reshape(-1),
+            expert_index=choice.expert_index.reshape(-1),
+            slot_index=choice.slot_index.reshape(-1),
+            combine_weight=combine_weight.reshape(-1),
+            kept=choice.kept.reshape(-1),
+        )
     # One nonzero (a host sync on CUDA) for the five fields; entries in (group, token, choice) order.
     kept = choice.kept.reshape(-1).nonzero().squeeze(1)
     per_group = group_size * k
@@ -183,7 +203,8 @@ class TokenChoiceRouter(CapacityRouter):
             if self.renormalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
             routing = token_choice_routing(
-                choice, weights.to(x.dtype), capacity=capacity, num_experts=num_experts
+                choice, weights.to(x.dtype), capacity=capacity, num_experts=num_experts,
+                static=static_shapes_active(),
             )
             clean_gates = softmax_experts(logits)
             makers = self.loss_terms(logits, noisy_logits, clean_gates, combine_gates)
@@ -223,6 +244,7 @@ class TokenChoiceRouter(CapacityRouter):
         k: int,
     ) -> dict[str, torch.Tensor]:
         """Routing statistics of one forward (see :mod:`.stats`); the loss terms are added by the caller."""
+        routing = routing.compact()
         out = sparse_routing_metrics(
             routing.group_index,
             routing.token_index,
