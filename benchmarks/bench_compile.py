@@ -272,10 +272,10 @@ def markdown(report: dict[str, Any]) -> str:
                          f"| {r['eager_images_per_s']:.0f} | {r['compiled_images_per_s']:.0f} | "
                          f"{r['compile_seconds']:.0f} |")
         lines.append("")
+    timed = f"minimum of {m['repeats']} interleaved repeats; " if report.get("layer") or report.get("e2e") else ""
     lines.append(f"`{m['command']}` at {str(m['git_sha'] or '')[:7]}, {m['device']}"
                  f"{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, torch {m['torch']}, {m['torch_threads']} thread(s), "
-                 f"minimum of {m['repeats']} interleaved repeats; load average {m['load_average_start']} -> "
-                 f"{m['load_average_end']}; {m['seconds']:.0f} s in all.")
+                 f"{timed}load average {m['load_average_start']} -> {m['load_average_end']}; {m['seconds']:.0f} s in all.")
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,6 @@ from vmoe_lib.models import ensemble_size, ensemble_targets
 from vmoe_lib.routers import create_router, list_routers, static_shapes, static_shapes_active
 
 ROUTERS = list_routers()
-CAPACITY_ROUTERS = [name for name in ROUTERS if name != "soft"]
 FIELDS = ("group_index", "token_index", "expert_index", "slot_index", "combine_weight")
 # The stated tolerance of the static path against the eager default (float32, unit-scale inputs): the same products
 # summed in another order.
@@ -193,7 +192,7 @@ def test_compile_e3_and_shared_routing_fullgraph():
             torch.testing.assert_close(compiled.eval()(x), model.eval()(x), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("router", CAPACITY_ROUTERS)
+@pytest.mark.parametrize("router", ROUTERS)  # every capacity router, and Soft MoE
 @pytest.mark.parametrize("name", ["vmoe_vit_pico_patch7_28", "vmoe_convnext_zepto_32"])
 def test_export_inference_equals_eager(name, router):
     model, x, _ = _model(name, router=router)
