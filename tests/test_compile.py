@@ -248,3 +248,25 @@ def test_engine_compile_option(monkeypatch):
         load_runs([], "smoke", compile=1)
     with pytest.raises(ConfigError, match="compile=None"):
         get_chapter("dense_baselines").run("smoke", compile=None)
+
+
+def test_compiled_model_follows_routing_settings_changed_between_calls():
+    """Settings changed on a compiled model recompile with the new capacity (none is traced as a symbolic number, which
+    would break the graph): Dynamo's automatic dynamic shapes make a float that changed between compilations symbolic,
+    so the capacity factors are kept as guarded constants. Also two layers of different capacity factors in one
+    process (what a benchmark does)."""
+    from vmoe_lib.models import set_routing
+
+    torch._dynamo.reset()
+    tokens = torch.randn(8, 65, 32)
+    for layer in (MoEMlp(32, 64), MoEMlp(32, 64, router="softmax_expert_choice", capacity_factor=2.0),
+                  MoEMlp(32, 64, router="softmax_expert_choice", capacity_factor=3.0)):
+        torch.compile(layer.train(), fullgraph=True, backend="aot_eager")(tokens)
+    model, x, _ = _model("vmoe_vit_pico_patch7_28")
+    compiled = torch.compile(model.train(), fullgraph=True, backend="aot_eager")
+    layers = [m for m in model.modules() if isinstance(m, MoEMlp)]
+    # 8 images x 17 tokens per group, E = 8, capacity rounded up to a multiple of 4
+    for change, capacity in ((dict(k=1), 20), (dict(capacity_factor=1.5), 28), (dict(capacity=3), 3)):
+        set_routing(model, **change)
+        compiled(x)
+        assert [float(m.last_metrics["capacity"]) for m in layers] == [capacity] * len(layers), change

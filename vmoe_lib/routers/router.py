@@ -189,23 +189,28 @@ class CapacityRouter(GatedRouter):
         self.capacity_multiple = capacity_multiple
         self.capacity_rounding = capacity_rounding
 
+    # The capacity factors fix the capacity C, a size of the routing's tensors, so under torch.compile they must be
+    # constants of the graph. A float attribute that changes between compilations (another model's factor, a factor
+    # set between calls, as set_routing does) is traced as a symbolic float by Dynamo's automatic dynamic shapes, and
+    # C would no longer be a plain int. A string is always a guarded constant: the factors are kept as their exact
+    # repr, so a new value recompiles with the new C.
     @property
     def capacity_factor(self) -> float:
         """Training capacity factor (validated: > 0)."""
-        return self._capacity_factor
+        return float(self._capacity_factor_repr)
 
     @capacity_factor.setter
     def capacity_factor(self, value: float) -> None:
-        self._capacity_factor = float(check_positive("capacity_factor", value))
+        self._capacity_factor_repr = repr(float(check_positive("capacity_factor", value)))
 
     @property
     def eval_capacity_factor(self) -> float:
         """Evaluation capacity factor (validated: > 0)."""
-        return self._eval_capacity_factor
+        return float(self._eval_capacity_factor_repr)
 
     @eval_capacity_factor.setter
     def eval_capacity_factor(self, value: float) -> None:
-        self._eval_capacity_factor = float(check_positive("eval_capacity_factor", value))
+        self._eval_capacity_factor_repr = repr(float(check_positive("eval_capacity_factor", value)))
 
     @property
     def capacity(self) -> int | None:
