@@ -269,6 +269,17 @@ def test_nll_confidence_and_the_stored_log_probabilities_round_trip():
         unpack_labels(pack_log_probs(lp))
 
 
+def test_confidence_is_the_same_on_every_cpu():
+    """The confidence is exp in float64 rounded to float32, equal to the scalar libm value rounded the same way (numpy's
+    float32 exp picks a SIMD kernel by CPU and differed in the last bit between machines, and so did stored ECEs)."""
+    import math
+
+    lp = -np.random.default_rng(0).random((2000, 1)).astype(np.float32) * 5
+    conf, _ = confidence_correct(lp, np.zeros(2000, dtype=np.int64))
+    assert conf.dtype == np.float32
+    assert conf.tolist() == [float(np.float32(math.exp(float(v)))) for v in lp[:, 0]]
+
+
 def test_bootstrap_contrast_is_deterministic_oriented_and_reads_a_margin():
     rng = np.random.default_rng(0)
     d = rng.normal(1.0, 1.0, 500)  # per-image effect A - B, mean about 1

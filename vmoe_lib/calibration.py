@@ -113,9 +113,14 @@ def nll_per_image(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def confidence_correct(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(confidence, correct)`` per image: the top class's probability and whether it is the true class."""
+    """``(confidence, correct)`` per image: the top class's probability (float32) and whether it is the true class.
+
+    The exponential is taken in float64 and rounded to float32: numpy's float32 ``exp`` differs in the last bit
+    between CPUs (its SIMD kernels are chosen by the CPU's instruction sets), which made stored ECE values differ in
+    their last digits from machine to machine; a float64 result rounded to float32 is the same on every CPU (but
+    for a float64 error straddling a float32 rounding boundary, about one value in a billion)."""
     lp, y = _check_labels(log_probs, labels)
-    return np.exp(lp.max(axis=1)), lp.argmax(axis=1) == y
+    return np.exp(lp.max(axis=1).astype(np.float64)).astype(np.float32), lp.argmax(axis=1) == y
 
 
 def _bin_of(confidence: np.ndarray, bins: int) -> np.ndarray:
