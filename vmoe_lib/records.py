@@ -226,5 +226,5 @@ def build_manifest(task: Any, record: Mapping[str, Any], *, session_seconds: flo
         "versions": _versions(),
         "git_sha": task.git_sha,
         "regenerate": task.regenerate,
-        "compile": bool(getattr(task, "compile", False)),
+        "compile": task.compile,
     }

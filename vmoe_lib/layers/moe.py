@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, check_bool, check_choice, check_positive, check_range
 from ..routers.base import Routing
-from ..routers.ops import static_shapes
+from ..routers.ops import axis_index, static_shapes
 from .dispatch import BACKENDS, DispatchInfo, dispatch_combine
 from .experts import EXPERT_INITS, ExpertBank
 from .shared_expert import SharedExpert
@@ -102,7 +102,7 @@ def _expand_image_routing(routing: Routing, tokens: int) -> Routing:
     def first_token(values: torch.Tensor) -> torch.Tensor:  # (G*S*k,) -> (G, tokens, k)
         return values.view(G, S, k)[:, :1].expand(shape).reshape(-1)
 
-    t = torch.arange(tokens, device=routing.expert_index.device).view(1, -1, 1).expand(shape).reshape(-1)
+    t = axis_index(shape, 1, routing.expert_index.device)
     return Routing(
         num_groups=G,
         group_size=tokens,

@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError
 from .base import Routing
 from .losses import balance_loss, importance_loss, z_loss
-from .ops import check_int_setting, check_rank3, float32_math, softmax_experts
+from .ops import axis_index, check_int_setting, check_rank3, float32_math, softmax_experts
 from .router import CapacityRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
@@ -86,10 +86,10 @@ def expert_choice_routing(choice: ExpertChoice, combine_weight: torch.Tensor, *,
         group_size=group_size,
         num_experts=num_experts,
         capacity=capacity,
-        group_index=torch.arange(num_groups, device=device).view(-1, 1, 1).expand(shape).reshape(-1),
+        group_index=axis_index(shape, 0, device),
         token_index=choice.token_index.reshape(-1),
-        expert_index=torch.arange(num_experts, device=device).view(1, -1, 1).expand(shape).reshape(-1),
-        slot_index=torch.arange(capacity, device=device).view(1, 1, -1).expand(shape).reshape(-1),
+        expert_index=axis_index(shape, 1, device),
+        slot_index=axis_index(shape, 2, device),
         combine_weight=combine_weight.reshape(-1),
     )
 

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "Setting",
+    "axis_index",
     "check_bool_setting",
     "check_int_setting",
     "check_rank3",
@@ -167,6 +168,17 @@ def softmax_experts(logits: torch.Tensor) -> torch.Tensor:
     if logits.device.type != "cpu" or logits.ndim < 2 or logits.shape[-1] > _SMALL_SOFTMAX_AXIS:
         return torch.softmax(logits, dim=-1)
     return torch.softmax(logits.transpose(-1, -2).contiguous(), dim=-2).transpose(-1, -2)
+
+
+def axis_index(shape: tuple[int, int, int], axis: int, device: torch.device) -> torch.Tensor:
+    """The index along ``axis`` of every element of a ``shape`` tensor, flattened in row-major order: ``(N,)`` long.
+
+    A sparse routing lists its entries in such a grid (group, token or expert, choice or slot); e.g.
+    ``axis_index((G, S, K), 0, device)`` is each entry's group.
+    """
+    view = [1] * len(shape)
+    view[axis] = -1
+    return torch.arange(shape[axis], device=device).view(view).expand(shape).reshape(-1)
 
 
 def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from ..errors import ConfigError, check_choice, check_positive
 from .base import Routing
 from .losses import balance_loss, importance_loss, load_loss, superclass_loss, z_loss
-from .ops import Setting, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
+from .ops import Setting, axis_index, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k
 from .router import GatedRouter
 from .stats import gate_entropy, sparse_routing_metrics
 
@@ -165,13 +165,13 @@ class PerImageRouter(GatedRouter):
                 top_gates = top_gates / top_gates.sum(dim=-1, keepdim=True)
             device = logits.device
             shape = (num_images, group_size, k)
-            token = torch.arange(group_size, device=device).view(1, -1, 1).expand(shape).reshape(-1)
+            token = axis_index(shape, 1, device)
             routing = Routing(
                 num_groups=num_images,
                 group_size=group_size,
                 num_experts=num_experts,
                 capacity=group_size,
-                group_index=torch.arange(num_images, device=device).view(-1, 1, 1).expand(shape).reshape(-1),
+                group_index=axis_index(shape, 0, device),
                 token_index=token,
                 expert_index=top_experts.unsqueeze(1).expand(shape).reshape(-1),
                 slot_index=token,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import Routing
 from .losses import balance_loss, importance_loss, load_loss, z_loss
-from .ops import (Setting, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k,
+from .ops import (Setting, axis_index, check_bool_setting, check_int_setting, check_rank3, float32_math, softmax_experts, stable_top_k,
                   static_shapes_active)
 from .router import CapacityRouter
 from .stats import gate_entropy, sparse_routing_metrics
@@ -119,8 +119,8 @@ def token_choice_routing(
             group_size=group_size,
             num_experts=num_experts,
             capacity=capacity,
-            group_index=torch.arange(num_groups, device=device).view(-1, 1, 1).expand(shape).reshape(-1),
-            token_index=torch.arange(group_size, device=device).view(1, -1, 1).expand(shape).reshape(-1),
+            group_index=axis_index(shape, 0, device),
+            token_index=axis_index(shape, 1, device),
             expert_index=choice.expert_index.reshape(-1),
             slot_index=choice.slot_index.reshape(-1),
             combine_weight=combine_weight.reshape(-1),
